@@ -1,0 +1,189 @@
+"""The functional op: :func:`harmonize`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from ..engine import core
+from ..rules import ConflictCurriculum, Rule, get_rule
+from .stats import ConflictStats, conflict_stats
+
+__all__ = ["harmonize", "HarmonizeResult", "as_per_sample_grads"]
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+REDUCTIONS = ("none", "sum", "mean")
+
+
+def as_per_sample_grads(grads: Union[Tensor, Sequence[Tensor]]) -> Tensor:
+    """Validate and view per-sample gradients as a contiguous (B, K, D) tensor.
+
+    Args:
+        grads: a tensor (B, K, D) (trailing dims beyond 3 are flattened), or a sequence
+            of K tensors of one shape (B, ...), each flattened per sample.
+    Raises:
+        TypeError: non-tensor or non-floating input.
+        ValueError: K < 2, shapes/batch sizes that differ, mixed devices or dtypes.
+    """
+    if isinstance(grads, Tensor):
+        if grads.ndim < 3:
+            raise ValueError(
+                f"per-sample gradients must have shape (B, K, D), got {tuple(grads.shape)}; "
+                "pass a list of K tensors (B, ...) for one tensor per loss"
+            )
+        if grads.dtype not in _FLOATS:
+            raise TypeError(f"gradients must be floating point, got dtype {grads.dtype}")
+        if grads.shape[1] < 2:
+            raise ValueError(f"need gradients of K >= 2 losses, got K={grads.shape[1]} (shape {tuple(grads.shape)})")
+        G = grads.reshape(grads.shape[0], grads.shape[1], -1)
+        return G.contiguous()
+    if not isinstance(grads, (list, tuple)):
+        raise TypeError(f"grads must be a tensor (B, K, D) or a sequence of K tensors, got {type(grads).__name__}")
+    if len(grads) < 2:
+        raise ValueError(f"need gradients of K >= 2 losses, got {len(grads)}")
+    first = grads[0]
+    for k, g in enumerate(grads):
+        if not isinstance(g, Tensor):
+            raise TypeError(f"gradient of loss {k} is a {type(g).__name__}, not a tensor")
+        if g.dtype not in _FLOATS:
+            raise TypeError(f"gradient of loss {k} has dtype {g.dtype}; gradients must be floating point")
+        if g.ndim < 1:
+            raise ValueError(f"gradient of loss {k} is a scalar; per-sample gradients need shape (B, ...)")
+        if g.shape != first.shape:
+            what = "batch size" if g.shape[:1] != first.shape[:1] else "shape"
+            raise ValueError(
+                f"gradient of loss {k} has {what} {tuple(g.shape)} but loss 0 has {tuple(first.shape)}"
+            )
+        if g.device != first.device:
+            raise ValueError(f"gradient of loss {k} is on {g.device} but loss 0 is on {first.device}")
+        if g.dtype != first.dtype:
+            raise TypeError(f"gradient of loss {k} has dtype {g.dtype} but loss 0 has {first.dtype}")
+    B = first.shape[0]
+    return torch.stack([g.reshape(B, -1) for g in grads], dim=1)
+
+
+@dataclass
+class HarmonizeResult:
+    """What :func:`harmonize` returns.
+
+    Attributes:
+        grad: (B, D) harmonized gradient per sample, or (D,) with reduction "sum"/"mean".
+        cos: (B, K, K) pairwise cosines before harmonization.
+        weights: (B, K) coefficients, curriculum weights included:
+            ``grad = einsum("bk,bkd->bd", weights, G)`` (summed over b for "sum", / B for "mean").
+        gram: (B, K, K) Gram matrices ``G_b G_b^T``.
+        sample_weights: (B,) applied per-sample curriculum factor, or None.
+        curriculum_weights: (B,) raw curriculum weights in [0, 1], or None.
+        backend: name of the backend that ran.
+    """
+
+    grad: Tensor
+    cos: Tensor
+    weights: Tensor
+    gram: Tensor
+    sample_weights: Optional[Tensor]
+    curriculum_weights: Optional[Tensor]
+    backend: str
+    threshold: Optional[float] = None
+    nonfinite_samples: Optional[Tensor] = None
+    _stats: Optional[ConflictStats] = field(default=None, repr=False)
+
+    @property
+    def stats(self) -> ConflictStats:
+        """Conflict statistics of this call (see :class:`ConflictStats`)."""
+        if self._stats is None:
+            self._stats = conflict_stats(self.cos, self.sample_weights, self.curriculum_weights, self.threshold)
+        return self._stats
+
+
+def harmonize(
+    grads: Union[Tensor, Sequence[Tensor]],
+    method: Union[str, Rule] = "pcgrad",
+    *,
+    reduction: str = "none",
+    curriculum: Optional[ConflictCurriculum] = None,
+    backend: str = "auto",
+    nonfinite: str = "raise",
+    **rule_kwargs: Any,
+) -> HarmonizeResult:
+    """Harmonize per-sample gradients of K losses.
+
+    For each sample b with gradients ``G_b = [g_1; ...; g_K]`` (K x D) the rule maps the
+    Gram matrix ``G_b G_b^T`` to weights ``w_b`` and the output is ``s_b w_b^T G_b``
+    (``s_b`` the curriculum weight). One pass over G computes all Gram matrices, a tiny
+    per-sample solve gives the weights, one more pass combines (fused into one kernel
+    where possible). Nothing of size B*K*D is allocated besides the input.
+
+    Args:
+        grads: (B, K, D) tensor, or K tensors (B, ...) of one shape.
+        method: "sum", "pcgrad", "gradvac", "cagrad", "mgda", or a :class:`Rule`
+            (pass a rule instance to keep state such as the GradVac EMA across calls).
+        reduction: "none" -> grad (B, D); "sum" / "mean" over samples -> (D,).
+        curriculum: optional :class:`ConflictCurriculum` weighting samples by conflict.
+        backend: "auto", "torch" (reference), "cpp", "cuda" or "triton".
+        nonfinite: "raise" (default), "skip" (drop samples with NaN/inf), "zero" (zero
+            the non-finite entries) or "propagate" (pass them through, for GradScaler).
+        **rule_kwargs: options of the rule named by ``method`` (e.g. ``c=0.4``).
+
+    Example:
+        >>> import torch, gradharmony as gh
+        >>> G = torch.tensor([[[1.0, 0.0], [-1.0, 1.0]]])  # one sample, two conflicting losses
+        >>> r = gh.harmonize(G, "pcgrad")
+        >>> r.grad
+        tensor([[0.5000, 1.5000]])
+        >>> round(float(r.cos[0, 0, 1]), 4)
+        -0.7071
+    """
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if curriculum is not None and not isinstance(curriculum, ConflictCurriculum):
+        raise TypeError(f"curriculum must be a ConflictCurriculum, got {type(curriculum).__name__}")
+    rule = get_rule(method, **rule_kwargs)
+    G = as_per_sample_grads(grads)
+    B, K, _ = G.shape
+    order = rule.order(B, K, G.device) if rule.method_id is not None else None
+    target = rule.target(K, G.device) if rule.method_id is not None else None
+
+    raw_box: dict[str, Tensor] = {}
+    weight_fn = None
+    if curriculum is not None:
+        def weight_fn(cos: Tensor) -> Tensor:
+            raw = curriculum.weights_from_cos(cos)
+            raw_box["raw"] = raw
+            return curriculum.normalized(raw)
+
+    res = core.run(
+        G,
+        backend=backend,
+        method=rule.method_id,
+        order=order,
+        target=target,
+        solve_fn=rule.solve if rule.method_id is None else None,
+        weight_fn=weight_fn,
+        reduction="none" if reduction == "none" else "sum",
+        nonfinite=nonfinite,
+    )
+    out = res.out
+    if reduction == "mean" and B > 0:
+        out = out / B
+    mask = None
+    if res.sample_weights is not None:
+        mask = res.sample_weights > 0
+    if res.nonfinite_samples is not None and res.nonfinite_samples.numel():
+        mask = torch.ones(B, dtype=torch.bool, device=G.device) if mask is None else mask.clone()
+        mask[res.nonfinite_samples] = False
+    rule.update(res.cos, res.phi, mask)
+    return HarmonizeResult(
+        grad=out,
+        cos=res.cos,
+        weights=res.weights,
+        gram=res.gram,
+        sample_weights=res.sample_weights,
+        curriculum_weights=raw_box.get("raw"),
+        backend=res.backend,
+        threshold=curriculum.threshold if curriculum is not None else None,
+        nonfinite_samples=res.nonfinite_samples,
+    )

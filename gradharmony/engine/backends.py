@@ -1,0 +1,197 @@
+"""Backends of the harmonization engine and the dispatch between them.
+
+A backend implements three ops on per-sample gradients ``G: (B, K, D)``
+(contiguous, floating):
+
+- ``gram(G) -> M (B, K, K)`` in the accumulation dtype (float64 for float64 input,
+  float32 otherwise);
+- ``combine(G, w, reduction) -> out``: ``out_b = w_b^T G_b`` (reduction "none", (B, D))
+  or its sum over b ("sum", (D,)), in G's dtype;
+- ``fused(G, method, order, target, sample_weight, reduction) -> (out, M, cos, w, phi)``:
+  gram -> per-sample solve (method 0 = sum, 1 = pcgrad, 2 = gradvac) -> combine, with
+  exactly the semantics of :func:`gradharmony.engine.reference.fused`.
+
+``torch`` (the pure-PyTorch reference) is always available. Compiled backends
+(``cpp`` on CPU, ``cuda`` and ``triton`` on CUDA GPUs) register themselves here
+when their kernels load; :func:`available_backends` reports which are live and why
+the others are not. ``backend="auto"`` picks, per device, the first live backend in
+:data:`PREFERENCE`; the environment variable ``GRADHARMONY_BACKEND`` forces one.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Optional, Protocol
+
+import torch
+from torch import Tensor
+
+from . import reference
+
+__all__ = [
+    "Backend",
+    "TorchBackend",
+    "PREFERENCE",
+    "FUSED_MAX_K",
+    "register_backend",
+    "get_backend",
+    "select_backend",
+    "available_backends",
+]
+
+#: Largest K the fused kernels handle; larger K runs gram/combine + reference solve.
+FUSED_MAX_K = 8
+
+#: Fastest first, per device type (measured: bench/results/).
+PREFERENCE: dict[str, tuple[str, ...]] = {
+    "cuda": ("triton", "cuda", "torch"),
+    "cpu": ("cpp", "torch"),
+}
+
+
+class Backend(Protocol):
+    name: str
+
+    def supports(self, G: Tensor) -> bool: ...
+
+    def gram(self, G: Tensor) -> Tensor: ...
+
+    def combine(self, G: Tensor, w: Tensor, reduction: str) -> Tensor: ...
+
+    def fused(
+        self,
+        G: Tensor,
+        method: int,
+        order: Optional[Tensor],
+        target: Optional[Tensor],
+        sample_weight: Optional[Tensor],
+        reduction: str,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Optional[Tensor]]: ...
+
+
+class TorchBackend:
+    """The pure-PyTorch reference; runs on every device and dtype."""
+
+    name = "torch"
+
+    def supports(self, G: Tensor) -> bool:
+        return True
+
+    def gram(self, G: Tensor) -> Tensor:
+        return reference.gram(G)
+
+    def combine(self, G: Tensor, w: Tensor, reduction: str) -> Tensor:
+        return reference.combine(G, w, reduction)
+
+    def fused(self, G, method, order, target, sample_weight, reduction):
+        return reference.fused(G, method, order, target, sample_weight, reduction)
+
+
+@dataclass
+class _Entry:
+    loader: Callable[[], Backend]
+    backend: Optional[Backend] = None
+    error: Optional[str] = None
+    tried: bool = False
+
+
+def _load_cpp() -> Backend:
+    from ..kernels.ext import CppBackend
+
+    return CppBackend()
+
+
+def _load_cuda() -> Backend:
+    from ..kernels.ext import CudaBackend
+
+    return CudaBackend()
+
+
+def _load_triton() -> Backend:
+    from ..kernels.triton_harmonize import TritonBackend
+
+    return TritonBackend()
+
+
+_REGISTRY: dict[str, _Entry] = {
+    "torch": _Entry(loader=TorchBackend),
+    "cpp": _Entry(loader=_load_cpp),
+    "cuda": _Entry(loader=_load_cuda),
+    "triton": _Entry(loader=_load_triton),
+}
+_WARNED: set[str] = set()
+
+
+def register_backend(name: str, loader: Callable[[], Backend]) -> None:
+    """Register a lazily loaded backend. ``loader`` raises if the backend cannot run."""
+    _REGISTRY[name] = _Entry(loader=loader)
+
+
+def _load(name: str) -> Optional[Backend]:
+    entry = _REGISTRY.get(name)
+    if entry is None:
+        return None
+    if not entry.tried:
+        entry.tried = True
+        try:
+            entry.backend = entry.loader()
+        except Exception as exc:  # a missing toolchain is not an error of the caller
+            entry.error = f"{type(exc).__name__}: {exc}"
+    return entry.backend
+
+
+def get_backend(name: str) -> Backend:
+    """The backend called ``name``; raises ``RuntimeError`` saying why it is not live."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown backend {name!r}; known: {sorted(_REGISTRY)}")
+    be = _load(name)
+    if be is None:
+        raise RuntimeError(f"backend {name!r} is not available: {_REGISTRY[name].error}")
+    return be
+
+
+def available_backends() -> dict[str, str]:
+    """Map every known backend to ``"available"`` or the reason it is not."""
+    out = {}
+    for name in _REGISTRY:
+        be = _load(name)
+        out[name] = "available" if be is not None else f"unavailable ({_REGISTRY[name].error})"
+    return out
+
+
+def select_backend(backend: str, G: Tensor) -> Backend:
+    """Resolve ``backend`` ("auto" or a name) for the tensor ``G``.
+
+    ``GRADHARMONY_BACKEND`` overrides "auto". A forced backend that cannot handle G's
+    device raises ``ValueError``; under "auto", a missing compiled backend falls back to
+    the next one, warning once with the reason.
+    """
+    if backend == "auto":
+        backend = os.environ.get("GRADHARMONY_BACKEND", "auto") or "auto"
+    if backend != "auto":
+        be = get_backend(backend)
+        if not be.supports(G):
+            raise ValueError(
+                f"backend {backend!r} cannot run on a {G.dtype} tensor on {G.device}"
+            )
+        return be
+    for name in PREFERENCE.get(G.device.type, ("torch",)):
+        if name not in _REGISTRY:
+            continue
+        be = _load(name)
+        if be is None:
+            key = f"{name}:{G.device.type}"
+            if key not in _WARNED:
+                _WARNED.add(key)
+                warnings.warn(
+                    f"gradharmony: backend {name!r} unavailable, falling back "
+                    f"({_REGISTRY[name].error})",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+            continue
+        if be.supports(G):
+            return be
+    return _load("torch")  # type: ignore[return-value]

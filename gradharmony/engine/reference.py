@@ -1,0 +1,340 @@
+"""Pure-PyTorch reference of every harmonization op.
+
+This module is the single source of truth: the compiled backends (C++, CUDA,
+Triton) are tested against it, and the benchmarks time it as the baseline.
+Every function is vectorized over the batch of samples and works on any
+device. The structure follows DESIGN.md: Gram -> coefficients -> combine.
+
+Shapes: ``G: (B, K, D)`` per-sample gradients of K losses, ``M: (B, K, K)``
+their Gram matrices, ``w: (B, K)`` combination weights, ``out = w^T G``.
+
+Accumulation dtype: float64 for float64 input, float32 otherwise.
+
+Method ids shared with the compiled kernels: 0 = sum, 1 = pcgrad, 2 = gradvac.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+METHOD_IDS = {"sum": 0, "pcgrad": 1, "gradvac": 2}
+
+__all__ = [
+    "METHOD_IDS",
+    "acc_dtype",
+    "gram",
+    "cosine",
+    "sum_weights",
+    "pcgrad_weights",
+    "gradvac_weights",
+    "mgda_weights",
+    "cagrad_weights",
+    "solve",
+    "combine",
+    "fused",
+]
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype for gradients of ``dtype`` (float64 stays float64)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def gram(G: Tensor) -> Tensor:
+    """Per-sample Gram matrices ``M_b = G_b G_b^T``.
+
+    Args:
+        G: (B, K, D) gradients, any floating dtype.
+    Returns:
+        (B, K, K) in the accumulation dtype.
+    """
+    dt = acc_dtype(G.dtype)
+    if G.dtype == dt:
+        return torch.bmm(G, G.transpose(1, 2))
+    # Half precision: accumulate in float32 without materializing a float32 copy of G
+    # (baddbmm with out_dtype is not universally available; chunk over D instead).
+    B, K, D = G.shape
+    M = torch.zeros(B, K, K, dtype=dt, device=G.device)
+    chunk = max(1, (1 << 22) // max(1, B * K))
+    for s in range(0, D, chunk):
+        g = G[:, :, s : s + chunk].to(dt)
+        M.baddbmm_(g, g.transpose(1, 2))
+    return M
+
+
+def _safe_div(num: Tensor, den: Tensor) -> Tensor:
+    """num / den where den > 0, else 0 (no NaN, no inf)."""
+    pos = den > 0
+    return torch.where(pos, num / torch.where(pos, den, torch.ones_like(den)), torch.zeros_like(num))
+
+
+def cosine(M: Tensor) -> Tensor:
+    """Pairwise cosine similarities from Gram matrices.
+
+    ``cos[b, k, j] = M[b, k, j] / sqrt(M[b, k, k] M[b, j, j])``; a zero gradient has
+    cosine 0 with everything (and 0 with itself), so it conflicts with nothing.
+
+    Args:
+        M: (B, K, K) Gram matrices.
+    Returns:
+        (B, K, K) in [-1, 1].
+    """
+    d = M.diagonal(dim1=1, dim2=2).clamp_min(0).sqrt()  # (B, K)
+    den = d.unsqueeze(2) * d.unsqueeze(1)
+    return _safe_div(M, den).clamp(-1.0, 1.0)
+
+
+def sum_weights(M: Tensor) -> Tensor:
+    """No surgery: ``w = 1`` (the plain summed gradient). Returns (B, K)."""
+    return torch.ones(M.shape[:2], dtype=M.dtype, device=M.device)
+
+
+def _identity_order(B: int, K: int, device: torch.device) -> Tensor:
+    return torch.arange(K, device=device).expand(B, K, K)
+
+
+def pcgrad_weights(M: Tensor, order: Optional[Tensor] = None) -> Tensor:
+    """PCGrad (Yu et al., NeurIPS 2020, Algorithm 1) in Gram form, per sample.
+
+    For each loss i, ``g'_i`` starts at ``g_i`` and visits the other gradients j in
+    ``order[b, i]``; when ``g'_i . g_j < 0`` it is projected onto the normal plane of
+    ``g_j``: ``g'_i -= (g'_i . g_j) / |g_j|^2 g_j``. The result is ``sum_i g'_i``.
+    Tracking ``g'_i = C_i G`` makes every dot product ``C_i M[:, j]``.
+
+    Args:
+        M: (B, K, K) Gram matrices.
+        order: (B, K, K) integer; ``order[b, i]`` is a permutation of 0..K-1 (the entry
+            equal to i is skipped). ``None`` = fixed order 0..K-1.
+    Returns:
+        (B, K) weights w with ``out_b = w_b^T G_b``.
+    """
+    B, K, _ = M.shape
+    if order is None:
+        order = _identity_order(B, K, M.device)
+    ar = torch.arange(B, device=M.device)
+    C = torch.eye(K, dtype=M.dtype, device=M.device).repeat(B, 1, 1)
+    for i in range(K):
+        for t in range(K):
+            j = order[:, i, t]
+            Mj = M[ar, j]  # (B, K): g_j . g_k for all k
+            dot = (C[:, i] * Mj).sum(-1)  # g'_i . g_j
+            Mjj = M[ar, j, j]
+            hit = (j != i) & (dot < 0) & (Mjj > 0)
+            coef = torch.where(hit, -_safe_div(dot, Mjj), torch.zeros_like(dot))
+            C[ar, i, j] += coef
+    return C.sum(1)
+
+
+def gradvac_weights(
+    M: Tensor, target: Tensor, order: Optional[Tensor] = None
+) -> tuple[Tensor, Tensor]:
+    """GradVac (Wang et al., ICLR 2021) in Gram form, per sample.
+
+    For each loss i and each other loss j (in ``order[b, i]``), with
+    ``phi = cos(g'_i, g_j)`` and target ``t = target[i, j]``: if ``phi < t``,
+    ``g'_i += |g'_i| (t sqrt(1-phi^2) - phi sqrt(1-t^2)) / (|g_j| sqrt(1-t^2)) g_j``.
+    The result is ``sum_i g'_i``. Same algorithm as torchjd's ``GradVacWeighting``
+    with ``eps = 0`` (zero norms are guarded instead, so the rule is scale-invariant).
+
+    Args:
+        M: (B, K, K) Gram matrices.
+        target: (K, K) EMA targets ``phi_hat`` (held fixed for the whole batch).
+        order: as in :func:`pcgrad_weights`.
+    Returns:
+        ``(w, phi)``: (B, K) weights and (B, K, K) the cosines ``phi`` seen at each
+        visit (zero on the diagonal), from which the caller updates the EMA.
+    """
+    B, K, _ = M.shape
+    if order is None:
+        order = _identity_order(B, K, M.device)
+    ar = torch.arange(B, device=M.device)
+    target = target.to(M.dtype)
+    C = torch.eye(K, dtype=M.dtype, device=M.device).repeat(B, 1, 1)
+    phi_seen = torch.zeros(B, K, K, dtype=M.dtype, device=M.device)
+    for i in range(K):
+        cG = torch.einsum("bk,bkj->bj", C[:, i], M)  # g'_i . g_j for all j
+        for t in range(K):
+            j = order[:, i, t]
+            valid = j != i
+            dot = cG[ar, j]
+            norm_i = (cG * C[:, i]).sum(-1).clamp_min(0).sqrt()
+            norm_j = M[ar, j, j].clamp_min(0).sqrt()
+            phi = _safe_div(dot, norm_i * norm_j).clamp(-1.0, 1.0)
+            tgt = target[i, j]
+            hit = valid & (phi < tgt) & (norm_j > 0) & (norm_i > 0)
+            s_phi = (1 - phi * phi).clamp_min(0).sqrt()
+            s_tgt = (1 - tgt * tgt).clamp_min(0).sqrt()
+            coef = _safe_div(norm_i * (tgt * s_phi - phi * s_tgt), norm_j * s_tgt)
+            coef = torch.where(hit, coef, torch.zeros_like(coef))
+            C[ar, i, j] += coef
+            cG = cG + coef.unsqueeze(1) * M[ar, j]
+            phi_seen[ar, i, j] = torch.where(valid, phi, phi_seen[ar, i, j])
+    return C.sum(1), phi_seen
+
+
+def _project_simplex(v: Tensor) -> Tensor:
+    """Euclidean projection of each row of v (B, K) onto the probability simplex."""
+    K = v.shape[-1]
+    u, _ = torch.sort(v, dim=-1, descending=True)
+    css = u.cumsum(-1) - 1
+    ind = torch.arange(1, K + 1, device=v.device, dtype=v.dtype)
+    cond = u - css / ind > 0
+    rho = cond.to(v.dtype).cumsum(-1).argmax(-1, keepdim=True)  # last index where cond holds
+    theta = css.gather(-1, rho) / (rho + 1).to(v.dtype)
+    return (v - theta).clamp_min(0)
+
+
+def _normalize_gram(M: Tensor) -> Tensor:
+    """Scale each Gram matrix by its mean diagonal (iterative solvers become scale-free)."""
+    scale = M.diagonal(dim1=1, dim2=2).mean(-1).clamp_min(torch.finfo(M.dtype).tiny)
+    return M / scale[:, None, None]
+
+
+def mgda_weights(M: Tensor, iters: int = 50) -> Tensor:
+    """MGDA-UB (Sener & Koltun, NeurIPS 2018): the min-norm point of the convex hull.
+
+    ``w = argmin_{w in simplex} w^T M w``, solved per sample by Frank-Wolfe with exact
+    line search (closed form for K = 2). The combination is ``K * w`` so that it has the
+    scale of a sum of K gradients (``sum`` gives weights 1).
+
+    Args:
+        M: (B, K, K) Gram matrices.
+    Returns:
+        (B, K) weights.
+    """
+    B, K, _ = M.shape
+    Mn = _normalize_gram(M)
+    if K == 2:
+        a, b, c = Mn[:, 0, 0], Mn[:, 0, 1], Mn[:, 1, 1]
+        den = a - 2 * b + c
+        gamma = _safe_div(c - b, den).clamp(0, 1)
+        gamma = torch.where(den > 0, gamma, torch.full_like(gamma, 0.5))
+        w = torch.stack([gamma, 1 - gamma], -1)
+    else:
+        w = torch.full((B, K), 1.0 / K, dtype=M.dtype, device=M.device)
+        eye = torch.eye(K, dtype=M.dtype, device=M.device)
+        for _ in range(iters):
+            grad = torch.einsum("bkj,bj->bk", Mn, w)
+            t = grad.argmin(-1)
+            e = eye[t]  # (B, K)
+            d = e - w
+            num = -(d * grad).sum(-1)
+            den = torch.einsum("bk,bkj,bj->b", d, Mn, d)
+            gamma = _safe_div(num, den).clamp(0, 1)
+            w = w + gamma.unsqueeze(-1) * d
+    return K * w
+
+
+def cagrad_weights(M: Tensor, c: float = 0.4, iters: int = 100, lr: float = 0.5) -> Tensor:
+    """CAGrad (Liu et al., NeurIPS 2021) in Gram form, per sample.
+
+    With ``g0 = mean_k g_k`` and ``phi = c^2 |g0|^2``, solve
+    ``min_{w in simplex} g_w . g0 + sqrt(phi) |g_w|`` (``g_w = w^T G``) by projected
+    gradient descent, then ``d = g0 + sqrt(phi) / |g_w| g_w``. Returned as the weights of
+    ``K d`` so that ``c = 0`` reproduces ``sum``.
+
+    Args:
+        M: (B, K, K) Gram matrices.
+        c: conflict-averse radius (0.4 as in the paper's multi-task experiments).
+    Returns:
+        (B, K) weights.
+    """
+    B, K, _ = M.shape
+    Mn = _normalize_gram(M)
+    dtype, dev = M.dtype, M.device
+    u = torch.full((B, K), 1.0 / K, dtype=dtype, device=dev)  # g0 coefficients
+    Mg0 = torch.einsum("bkj,bj->bk", Mn, u)  # g_k . g0
+    g0_norm = (Mg0 * u).sum(-1).clamp_min(0).sqrt()
+    sqrt_phi = c * g0_norm
+    w = u.clone()
+    for _ in range(iters):
+        Mw = torch.einsum("bkj,bj->bk", Mn, w)
+        gw_norm = (Mw * w).sum(-1).clamp_min(0).sqrt()
+        grad = Mg0 + sqrt_phi.unsqueeze(-1) * _safe_div(Mw, gw_norm.unsqueeze(-1))
+        w = _project_simplex(w - lr * grad)
+    Mw = torch.einsum("bkj,bj->bk", Mn, w)
+    gw_norm = (Mw * w).sum(-1).clamp_min(0).sqrt()
+    lam = _safe_div(sqrt_phi, gw_norm)
+    return K * (u + lam.unsqueeze(-1) * w)
+
+
+def solve(
+    M: Tensor,
+    method: int,
+    order: Optional[Tensor] = None,
+    target: Optional[Tensor] = None,
+) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """The tiny per-sample solve of the fused kernels: ``M -> (cos, w, phi)``.
+
+    Args:
+        M: (B, K, K) Gram matrices.
+        method: 0 = sum, 1 = pcgrad, 2 = gradvac (see ``METHOD_IDS``).
+        order: (B, K, K) visiting order for pcgrad/gradvac (``None`` = fixed).
+        target: (K, K) GradVac targets (required for method 2).
+    Returns:
+        cos (B, K, K), w (B, K), phi (B, K, K) for gradvac else ``None``.
+    """
+    cos = cosine(M)
+    if method == 0:
+        return cos, sum_weights(M), None
+    if method == 1:
+        return cos, pcgrad_weights(M, order), None
+    if method == 2:
+        if target is None:
+            raise ValueError("gradvac needs a (K, K) target matrix")
+        w, phi = gradvac_weights(M, target, order)
+        return cos, w, phi
+    raise ValueError(f"unknown method id {method!r}; expected one of {sorted(METHOD_IDS.values())}")
+
+
+def combine(G: Tensor, w: Tensor, reduction: str = "none") -> Tensor:
+    """``out_b = w_b^T G_b``, or its sum over b.
+
+    Args:
+        G: (B, K, D) gradients.
+        w: (B, K) weights (any float dtype; used in the accumulation dtype).
+        reduction: "none" -> (B, D); "sum" -> (D,).
+    Returns:
+        Output in G's dtype.
+    """
+    dt = acc_dtype(G.dtype)
+    if reduction == "none":
+        if G.dtype == dt:
+            return torch.bmm(w.to(dt).unsqueeze(1), G).squeeze(1)
+        return torch.einsum("bk,bkd->bd", w.to(G.dtype), G)
+    if reduction == "sum":
+        B, K, D = G.shape
+        if G.dtype == dt:
+            return (w.to(dt).reshape(1, B * K) @ G.reshape(B * K, D)).reshape(D)
+        return torch.einsum("bk,bkd->d", w.to(G.dtype), G)
+    raise ValueError(f"reduction must be 'none' or 'sum', got {reduction!r}")
+
+
+def fused(
+    G: Tensor,
+    method: int,
+    order: Optional[Tensor] = None,
+    target: Optional[Tensor] = None,
+    sample_weight: Optional[Tensor] = None,
+    reduction: str = "none",
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Optional[Tensor]]:
+    """The whole op the fused kernels implement: gram -> solve -> combine.
+
+    Args:
+        G: (B, K, D) gradients.
+        method, order, target: as in :func:`solve`.
+        sample_weight: optional (B,) per-sample factor folded into the weights.
+        reduction: "none" or "sum".
+    Returns:
+        ``(out, M, cos, w, phi)``: out (B, D) or (D,) in G's dtype; M (B, K, K), cos
+        (B, K, K), w (B, K) (sample weight included), phi (B, K, K) or ``None``.
+    """
+    M = gram(G)
+    cos, w, phi = solve(M, method, order, target)
+    if sample_weight is not None:
+        w = w * sample_weight.to(w.dtype).unsqueeze(-1)
+    out = combine(G, w, reduction)
+    return out, M, cos, w, phi
