@@ -1,0 +1,663 @@
+"""Triton kernels of the harmonization engine: Gram -> per-sample solve -> combine.
+
+Same semantics as :mod:`gradharmony.engine.reference` (``gram``, ``combine``, ``fused``);
+the layout follows Liger-Kernel: ``_x_kernel`` (``triton.jit``) -> ``x_forward``
+launchers -> :class:`TritonBackend`.
+
+Two paths (DESIGN.md, "Gram -> coefficients -> combine"):
+
+- small, launch-bound inputs (``K * D * itemsize <= SMALL_BYTES``): ONE launch,
+  :func:`_fused_small_kernel`, one program per sample: Gram over D tiles (float32),
+  the tiny solve in registers, then ``out_b = w_b^T G_b`` (rows re-read, from L2; when
+  the whole sample fits one tile it is read once). ``reduction="sum"`` atomically adds
+  every sample into a zeroed float32 (D,) buffer (or, under
+  ``torch.use_deterministic_algorithms(True)``, writes per-sample float32 rows and sums
+  them with torch);
+- large inputs: two streaming passes. :func:`_gram_kernel` over a (sample, D-chunk)
+  grid writes partial Gram matrices (B, NC, K, K) (no atomics: deterministic);
+  :func:`_solve_kernel` (grid B) sums them in a fixed order and runs the solve;
+  :func:`_combine_kernel` streams G once more: (sample, D-chunk) programs for
+  ``reduction="none"``, D-chunk programs looping over the samples for ``"sum"``.
+
+All accumulation is float32 (inputs float32 / float16 / bfloat16); divisions and square
+roots of the solve are IEEE-rounded (``div_rn`` / ``sqrt_rn``) like PyTorch's.
+
+Shapes: ``G: (B, K, D)`` contiguous, ``K <= 8``; ``M, cos, phi: (B, K, K)`` float32;
+``w: (B, K)`` float32; ``out: (B, D)`` or ``(D,)`` in G's dtype.
+
+Example (CPU, under the interpreter)::
+
+    import os; os.environ["TRITON_INTERPRET"] = "1"
+    import torch
+    from gradharmony.kernels.triton_harmonize import TritonBackend
+    G = torch.randn(4, 2, 100)
+    out, M, cos, w, phi = TritonBackend().fused(G, 1, None, None, None, "none")
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+try:  # the module must import (and say why it cannot run) without triton
+    import triton
+    import triton.language as tl
+
+    _TRITON_ERROR: Optional[str] = None
+except Exception as exc:  # pragma: no cover - exercised only without triton
+    triton = None  # type: ignore[assignment]
+    tl = None  # type: ignore[assignment]
+    _TRITON_ERROR = f"{type(exc).__name__}: {exc}"
+
+__all__ = [
+    "TritonBackend",
+    "gram_forward",
+    "combine_forward",
+    "fused_forward",
+    "SUPPORTED_DTYPES",
+    "MAX_K",
+    "SMALL_BYTES",
+]
+
+#: Input dtypes the kernels take (float64 falls back to another backend).
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+#: Largest number of losses K per sample.
+MAX_K = 8
+#: One-launch path when one sample's K rows take at most this many bytes
+#: (env ``GRADHARMONY_TRITON_SMALL_BYTES``; 64 KiB: 1024 x 2 x 4096 float32 is "small").
+SMALL_BYTES = int(os.environ.get("GRADHARMONY_TRITON_SMALL_BYTES", 64 * 1024))
+
+_METHOD_NONE = -1  # _solve_kernel: only reduce the partial Gram matrices
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# ----------------------------------------------------------------------------------------
+# kernels
+# ----------------------------------------------------------------------------------------
+
+if triton is not None:
+
+    @triton.jit
+    def _safe_div(num, den):
+        """num / den where den > 0, else 0 (IEEE division)."""
+        pos = den > 0
+        return tl.where(pos, tl.div_rn(num, tl.where(pos, den, 1.0)), 0.0)
+
+    @triton.jit
+    def _tile_gram(g):
+        """(KP, KP, BLOCK) elementwise products of a (KP, BLOCK) float32 tile."""
+        return g[:, None, :] * g[None, :, :]
+
+    @triton.jit
+    def _solve_sample(
+        M,
+        b,
+        M_ptr,
+        cos_ptr,
+        w_ptr,
+        phi_ptr,
+        order_ptr,
+        target_ptr,
+        sw_ptr,
+        K: tl.constexpr,
+        KP: tl.constexpr,
+        METHOD: tl.constexpr,
+        HAS_ORDER: tl.constexpr,
+        HAS_SW: tl.constexpr,
+    ):
+        """Per-sample solve on the (KP, KP) float32 Gram matrix ``M`` (zero padded).
+
+        Stores M, cos (B, K, K), phi (gradvac) and returns w (KP,) float32 (sample
+        weight folded in, zero in the padding).
+        """
+        rk = tl.arange(0, KP)
+        rows = rk[:, None]
+        cols = rk[None, :]
+        kk = (rows < K) & (cols < K)
+        b64 = b.to(tl.int64)
+        tl.store(M_ptr + b64 * K * K + rows * K + cols, M, mask=kk)
+        if METHOD >= 0:
+            diag = tl.where(rows == cols, M, 0.0)
+            d_r = tl.sqrt_rn(tl.maximum(tl.sum(diag, axis=1), 0.0))  # indexed by row
+            d_c = tl.sqrt_rn(tl.maximum(tl.sum(diag, axis=0), 0.0))  # indexed by column
+            cos = _safe_div(M, d_r[:, None] * d_c[None, :])
+            cos = tl.minimum(tl.maximum(cos, -1.0), 1.0)
+            tl.store(cos_ptr + b64 * K * K + rows * K + cols, cos, mask=kk)
+
+        w = tl.where(rk < K, 1.0, 0.0)
+        if METHOD == 1:  # PCGrad: g'_i visits g_j in order[b, i]; projects when g'_i . g_j < 0
+            w = tl.zeros([KP], dtype=tl.float32)
+            for i in tl.static_range(K):
+                ci = tl.where(rk == i, 1.0, 0.0)  # coefficients of g'_i
+                for t in tl.static_range(K):
+                    if HAS_ORDER:
+                        j = tl.load(order_ptr + b64 * K * K + i * K + t).to(tl.int32)
+                    else:
+                        j = tl.full([], t, tl.int32)
+                    Mj = tl.sum(tl.where(rows == j, M, 0.0), axis=0)  # g_j . g_k, all k
+                    dot = tl.sum(ci * Mj)  # g'_i . g_j
+                    Mjj = tl.sum(tl.where(rk == j, Mj, 0.0))
+                    hit = (j != i) & (dot < 0) & (Mjj > 0)
+                    coef = tl.where(hit, -_safe_div(dot, Mjj), 0.0)
+                    ci = ci + tl.where(rk == j, coef, 0.0)
+                w = w + ci
+        if METHOD == 2:  # GradVac: pull cos(g'_i, g_j) up to target[i, j]
+            w = tl.zeros([KP], dtype=tl.float32)
+            for i in tl.static_range(K):
+                ci = tl.where(rk == i, 1.0, 0.0)
+                cG = tl.sum(tl.where(rows == i, M, 0.0), axis=0)  # g'_i . g_k, all k
+                phi_row = tl.zeros([KP], dtype=tl.float32)
+                for t in tl.static_range(K):
+                    if HAS_ORDER:
+                        j = tl.load(order_ptr + b64 * K * K + i * K + t).to(tl.int32)
+                    else:
+                        j = tl.full([], t, tl.int32)
+                    valid = j != i
+                    sel = rk == j
+                    dot = tl.sum(tl.where(sel, cG, 0.0))
+                    norm_i = tl.sqrt_rn(tl.maximum(tl.sum(cG * ci), 0.0))
+                    Mj = tl.sum(tl.where(rows == j, M, 0.0), axis=0)
+                    norm_j = tl.sqrt_rn(tl.maximum(tl.sum(tl.where(sel, Mj, 0.0)), 0.0))
+                    phi = _safe_div(dot, norm_i * norm_j)
+                    phi = tl.minimum(tl.maximum(phi, -1.0), 1.0)
+                    tgt = tl.load(target_ptr + i * K + j)
+                    hit = valid & (phi < tgt) & (norm_j > 0) & (norm_i > 0)
+                    s_phi = tl.sqrt_rn(tl.maximum(1.0 - phi * phi, 0.0))
+                    s_tgt = tl.sqrt_rn(tl.maximum(1.0 - tgt * tgt, 0.0))
+                    coef = _safe_div(norm_i * (tgt * s_phi - phi * s_tgt), norm_j * s_tgt)
+                    coef = tl.where(hit, coef, 0.0)
+                    ci = ci + tl.where(sel, coef, 0.0)
+                    cG = cG + coef * Mj
+                    phi_row = tl.where(sel & valid, phi, phi_row)
+                tl.store(phi_ptr + b64 * K * K + i * K + rk, phi_row, mask=rk < K)
+                w = w + ci
+        if HAS_SW:
+            w = w * tl.load(sw_ptr + b).to(tl.float32)
+        if METHOD >= 0:
+            tl.store(w_ptr + b64 * K + rk, w, mask=rk < K)
+        return w
+
+    @triton.jit
+    def _fused_small_kernel(
+        G_ptr,
+        out_ptr,
+        M_ptr,
+        cos_ptr,
+        w_ptr,
+        phi_ptr,
+        order_ptr,
+        target_ptr,
+        sw_ptr,
+        D,
+        K: tl.constexpr,
+        KP: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        ONE_TILE: tl.constexpr,
+        METHOD: tl.constexpr,
+        HAS_ORDER: tl.constexpr,
+        HAS_SW: tl.constexpr,
+        ATOMIC_SUM: tl.constexpr,
+    ):
+        """One program per sample: Gram, solve, combine. ``out`` is (B, D) (G's dtype or
+        float32) or, with ATOMIC_SUM, a zeroed float32 (D,) accumulated atomically."""
+        b = tl.program_id(0)
+        b64 = b.to(tl.int64)
+        rk = tl.arange(0, KP)
+        rd = tl.arange(0, BLOCK_D)
+        g_base = G_ptr + b64 * K * D + rk[:, None].to(tl.int64) * D
+        if ATOMIC_SUM:
+            o_base = out_ptr
+        else:
+            o_base = out_ptr + b64 * D
+        if ONE_TILE:  # the whole sample in registers: G is read once
+            mask = (rk[:, None] < K) & (rd[None, :] < D)
+            g = tl.load(g_base + rd[None, :], mask=mask, other=0.0).to(tl.float32)
+            M = tl.sum(_tile_gram(g), axis=2)
+            w = _solve_sample(
+                M, b, M_ptr, cos_ptr, w_ptr, phi_ptr, order_ptr, target_ptr, sw_ptr,
+                K, KP, METHOD, HAS_ORDER, HAS_SW,
+            )
+            o = tl.sum(w[:, None] * g, axis=0)
+            if ATOMIC_SUM:
+                tl.atomic_add(o_base + rd, o, mask=rd < D)
+            else:
+                tl.store(o_base + rd, o.to(out_ptr.dtype.element_ty), mask=rd < D)
+        else:
+            acc = tl.zeros([KP, KP, BLOCK_D], dtype=tl.float32)
+            for d0 in range(0, D, BLOCK_D):
+                offs = d0 + rd
+                mask = (rk[:, None] < K) & (offs[None, :] < D)
+                g = tl.load(g_base + offs[None, :], mask=mask, other=0.0).to(tl.float32)
+                acc += _tile_gram(g)
+            M = tl.sum(acc, axis=2)
+            w = _solve_sample(
+                M, b, M_ptr, cos_ptr, w_ptr, phi_ptr, order_ptr, target_ptr, sw_ptr,
+                K, KP, METHOD, HAS_ORDER, HAS_SW,
+            )
+            for d0 in range(0, D, BLOCK_D):
+                offs = d0 + rd
+                mask = (rk[:, None] < K) & (offs[None, :] < D)
+                g = tl.load(g_base + offs[None, :], mask=mask, other=0.0).to(tl.float32)
+                o = tl.sum(w[:, None] * g, axis=0)
+                if ATOMIC_SUM:
+                    tl.atomic_add(o_base + offs, o, mask=offs < D)
+                else:
+                    tl.store(o_base + offs, o.to(out_ptr.dtype.element_ty), mask=offs < D)
+
+    @triton.jit
+    def _gram_kernel(
+        G_ptr,
+        part_ptr,
+        D,
+        NC,
+        K: tl.constexpr,
+        KP: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        TILES: tl.constexpr,
+    ):
+        """Program (b, c) of a flat grid B * NC: the Gram matrix of G[b, :, chunk c]
+        (TILES tiles of BLOCK_D) -> part[b, c] (B, NC, K, K) float32."""
+        pid = tl.program_id(0)
+        b = pid // NC
+        c = pid - b * NC
+        rk = tl.arange(0, KP)
+        rd = tl.arange(0, BLOCK_D)
+        g_base = G_ptr + b.to(tl.int64) * K * D + rk[:, None].to(tl.int64) * D
+        start = c.to(tl.int64) * (BLOCK_D * TILES)
+        acc = tl.zeros([KP, KP, BLOCK_D], dtype=tl.float32)
+        for t in range(TILES):
+            offs = start + t * BLOCK_D + rd
+            mask = (rk[:, None] < K) & (offs[None, :] < D)
+            g = tl.load(g_base + offs[None, :], mask=mask, other=0.0).to(tl.float32)
+            acc += _tile_gram(g)
+        M = tl.sum(acc, axis=2)
+        rows = rk[:, None]
+        cols = rk[None, :]
+        tl.store(
+            part_ptr + pid.to(tl.int64) * K * K + rows * K + cols,
+            M,
+            mask=(rows < K) & (cols < K),
+        )
+
+    @triton.jit
+    def _solve_kernel(
+        part_ptr,
+        M_ptr,
+        cos_ptr,
+        w_ptr,
+        phi_ptr,
+        order_ptr,
+        target_ptr,
+        sw_ptr,
+        NC,
+        K: tl.constexpr,
+        KP: tl.constexpr,
+        METHOD: tl.constexpr,
+        HAS_ORDER: tl.constexpr,
+        HAS_SW: tl.constexpr,
+    ):
+        """Program b: M_b = sum_c part[b, c] (fixed order), then the solve (METHOD -1:
+        store M only)."""
+        b = tl.program_id(0)
+        rk = tl.arange(0, KP)
+        rows = rk[:, None]
+        cols = rk[None, :]
+        kk = (rows < K) & (cols < K)
+        base = part_ptr + b.to(tl.int64) * NC * K * K + rows * K + cols
+        M = tl.zeros([KP, KP], dtype=tl.float32)
+        for c in range(NC):
+            M += tl.load(base + c * K * K, mask=kk, other=0.0)
+        _solve_sample(
+            M, b, M_ptr, cos_ptr, w_ptr, phi_ptr, order_ptr, target_ptr, sw_ptr,
+            K, KP, METHOD, HAS_ORDER, HAS_SW,
+        )
+
+    @triton.jit
+    def _combine_kernel(
+        G_ptr,
+        w_ptr,
+        out_ptr,
+        B,
+        D,
+        NC,
+        B_PER,
+        K: tl.constexpr,
+        KP: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        TILES: tl.constexpr,
+        REDUCE_SUM: tl.constexpr,
+    ):
+        """``out_b = w_b^T G_b``.
+
+        REDUCE_SUM False: flat grid B * NC, program (b, c) writes out[b, chunk c]
+        (TILES tiles of BLOCK_D). REDUCE_SUM True: flat grid NC * S, program (c, s) sums
+        samples [s * B_PER, (s + 1) * B_PER) of one BLOCK_D tile c into out[s, tile c]
+        (float32 partials when S > 1, else the (D,) output itself).
+        """
+        pid = tl.program_id(0)
+        rk = tl.arange(0, KP)
+        rd = tl.arange(0, BLOCK_D)
+        kmask = rk < K
+        roff = rk[:, None].to(tl.int64) * D
+        if REDUCE_SUM:
+            s = pid // NC
+            c = pid - s * NC
+            offs = c.to(tl.int64) * BLOCK_D + rd
+            dmask = offs < D
+            mask = kmask[:, None] & dmask[None, :]
+            acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+            b_lo = s * B_PER
+            n_b = tl.minimum(b_lo + B_PER, B) - b_lo
+            w_p = w_ptr + b_lo.to(tl.int64) * K + rk
+            g_p = G_ptr + b_lo.to(tl.int64) * K * D + roff + offs[None, :]
+            for _ in range(n_b):  # pointers advance one sample per step (64-bit safe)
+                w = tl.load(w_p, mask=kmask, other=0.0)
+                g = tl.load(g_p, mask=mask, other=0.0)
+                acc += tl.sum(w[:, None] * g.to(tl.float32), axis=0)
+                w_p += K
+                g_p += K * D
+            tl.store(out_ptr + s.to(tl.int64) * D + offs, acc.to(out_ptr.dtype.element_ty), mask=dmask)
+        else:
+            b = pid // NC
+            c = pid - b * NC
+            b64 = b.to(tl.int64)
+            w = tl.load(w_ptr + b64 * K + rk, mask=kmask, other=0.0)
+            g_base = G_ptr + b64 * K * D + roff
+            start = c.to(tl.int64) * (BLOCK_D * TILES)
+            for t in range(TILES):
+                offs = start + t * BLOCK_D + rd
+                dmask = offs < D
+                g = tl.load(g_base + offs[None, :], mask=kmask[:, None] & dmask[None, :], other=0.0)
+                o = tl.sum(w[:, None] * g.to(tl.float32), axis=0)
+                tl.store(out_ptr + b64 * D + offs, o.to(out_ptr.dtype.element_ty), mask=dmask)
+
+
+# ----------------------------------------------------------------------------------------
+# launchers
+# ----------------------------------------------------------------------------------------
+
+#: Elements of the (KP, KP, BLOCK_D) float32 Gram accumulator per program.
+_GRAM_ACC_ELEMS = 8192
+#: Elements each Gram / combine program streams per row (chunk of D).
+_CHUNK = 32768
+#: Aim for at least this many programs in the combine-sum grid (H100: 132 SMs).
+_MIN_PROGRAMS = 512
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def _kp(K: int) -> int:
+    return max(2, _next_pow2(K))
+
+
+def _gram_block(KP: int) -> int:
+    return max(16, _GRAM_ACC_ELEMS // (KP * KP))
+
+
+def _warps(block_elems: int) -> int:
+    """num_warps for a program handling ``block_elems`` float32 values per tile."""
+    if block_elems >= 8192:
+        return 8
+    if block_elems >= 1024:
+        return 4
+    return 2
+
+
+def _check_G(G: Tensor) -> None:
+    if G.dim() != 3:
+        raise ValueError(f"G must be (B, K, D), got shape {tuple(G.shape)}")
+    if G.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"triton kernels take {SUPPORTED_DTYPES}, got {G.dtype}")
+    if G.shape[1] > MAX_K:
+        raise ValueError(f"triton kernels take K <= {MAX_K}, got K = {G.shape[1]}")
+
+
+def gram_forward(G: Tensor) -> Tensor:
+    """Per-sample Gram matrices ``M_b = G_b G_b^T`` of G (B, K, D) -> (B, K, K) float32.
+
+    Two launches: partial Gram matrices over (sample, D-chunk) programs, then a fixed
+    order sum (deterministic).
+    """
+    _check_G(G)
+    G = G.contiguous()
+    B, K, D = G.shape
+    M = torch.zeros(B, K, K, dtype=torch.float32, device=G.device)
+    if B == 0 or D == 0:
+        return M
+    KP = _kp(K)
+    BLOCK_D = min(_gram_block(KP), _next_pow2(D))
+    TILES = max(1, min(_CHUNK // BLOCK_D, triton.cdiv(D, BLOCK_D)))
+    NC = triton.cdiv(D, BLOCK_D * TILES)
+    part = torch.empty(B, NC, K, K, dtype=torch.float32, device=G.device)
+    nw = _warps(KP * KP * BLOCK_D)
+    _gram_kernel[(B * NC,)](G, part, D, NC, K=K, KP=KP, BLOCK_D=BLOCK_D, TILES=TILES, num_warps=nw)
+    if NC == 1:
+        return part.view(B, K, K)
+    _solve_kernel[(B,)](
+        part, M, M, M, M, M, M, M, NC,
+        K=K, KP=KP, METHOD=_METHOD_NONE, HAS_ORDER=False, HAS_SW=False, num_warps=1,
+    )
+    return M
+
+
+def _combine(G: Tensor, w: Tensor, reduction: str) -> Tensor:
+    """Launch :func:`_combine_kernel`; G contiguous (B, K, D), w contiguous (B, K) float32."""
+    B, K, D = G.shape
+    KP = _kp(K)
+    if reduction == "none":
+        out = torch.empty(B, D, dtype=G.dtype, device=G.device)
+        if B == 0 or D == 0:
+            return out
+        BLOCK_D = min(max(16, 4096 // KP), _next_pow2(D))
+        TILES = max(1, min(_CHUNK // 2 // BLOCK_D, triton.cdiv(D, BLOCK_D)))
+        NC = triton.cdiv(D, BLOCK_D * TILES)
+        _combine_kernel[(B * NC,)](
+            G, w, out, B, D, NC, 1,
+            K=K, KP=KP, BLOCK_D=BLOCK_D, TILES=TILES, REDUCE_SUM=False,
+            num_warps=_warps(KP * BLOCK_D),
+        )
+        return out
+    if reduction == "sum":
+        if B == 0 or D == 0:
+            return torch.zeros(D, dtype=G.dtype, device=G.device)
+        BLOCK_D = min(max(16, 4096 // KP), _next_pow2(D))
+        NC = triton.cdiv(D, BLOCK_D)
+        # split the samples when there are too few D tiles to fill the GPU
+        S = max(1, min(B, _MIN_PROGRAMS // NC, triton.cdiv(B, 4)))
+        B_PER = triton.cdiv(B, S)
+        S = triton.cdiv(B, B_PER)
+        if S == 1:
+            out = torch.empty(D, dtype=G.dtype, device=G.device)
+        else:
+            out = torch.empty(S, D, dtype=torch.float32, device=G.device)
+        _combine_kernel[(NC * S,)](
+            G, w, out, B, D, NC, B_PER,
+            K=K, KP=KP, BLOCK_D=BLOCK_D, TILES=1, REDUCE_SUM=True,
+            num_warps=_warps(KP * BLOCK_D),
+        )
+        if S == 1:
+            return out
+        return out.sum(0).to(G.dtype)
+    raise ValueError(f"reduction must be 'none' or 'sum', got {reduction!r}")
+
+
+def combine_forward(G: Tensor, w: Tensor, reduction: str = "none") -> Tensor:
+    """``out_b = w_b^T G_b`` (reduction "none", (B, D)) or its sum over b ("sum", (D,)).
+
+    G (B, K, D) float32/float16/bfloat16, w (B, K) any float dtype (used in float32);
+    output in G's dtype, accumulated in float32.
+    """
+    _check_G(G)
+    B, K, D = G.shape
+    if tuple(w.shape) != (B, K):
+        raise ValueError(f"w must be (B, K) = {(B, K)}, got {tuple(w.shape)}")
+    return _combine(G.contiguous(), w.to(device=G.device, dtype=torch.float32).contiguous(), reduction)
+
+
+def _path(G: Tensor, path: str) -> str:
+    if path != "auto":
+        if path not in ("small", "large"):
+            raise ValueError(f"path must be 'auto', 'small' or 'large', got {path!r}")
+        return path
+    B, K, D = G.shape
+    return "small" if K * D * G.element_size() <= SMALL_BYTES else "large"
+
+
+def fused_forward(
+    G: Tensor,
+    method: int,
+    order: Optional[Tensor] = None,
+    target: Optional[Tensor] = None,
+    sample_weight: Optional[Tensor] = None,
+    reduction: str = "none",
+    path: str = "auto",
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Optional[Tensor]]:
+    """gram -> per-sample solve -> combine, as :func:`gradharmony.engine.reference.fused`.
+
+    Args:
+        G: (B, K, D) float32/float16/bfloat16, K <= 8.
+        method: 0 = sum, 1 = pcgrad, 2 = gradvac.
+        order: (B, K, K) integer visiting order (``None`` = 0..K-1).
+        target: (K, K) GradVac targets (method 2).
+        sample_weight: optional (B,) factor folded into w.
+        reduction: "none" -> out (B, D); "sum" -> out (D,).
+        path: "auto", "small" (one launch per call) or "large" (gram / solve / combine
+            streaming passes); "auto" picks "small" when ``K * D * itemsize <=
+            SMALL_BYTES``.
+    Returns:
+        ``(out, M, cos, w, phi)``: out in G's dtype; M, cos (B, K, K), w (B, K) and phi
+        (B, K, K) (method 2, else ``None``) float32.
+    """
+    _check_G(G)
+    if method not in (0, 1, 2):
+        raise ValueError(f"unknown method id {method!r}; expected one of [0, 1, 2]")
+    if reduction not in ("none", "sum"):
+        raise ValueError(f"reduction must be 'none' or 'sum', got {reduction!r}")
+    G = G.contiguous()
+    B, K, D = G.shape
+    dev = G.device
+    f32 = dict(dtype=torch.float32, device=dev)
+    KP = _kp(K)
+
+    if method == 2:
+        if target is None:
+            raise ValueError("gradvac needs a (K, K) target matrix")
+        if tuple(target.shape) != (K, K):
+            raise ValueError(f"target must be (K, K) = {(K, K)}, got {tuple(target.shape)}")
+        target = target.to(**f32).contiguous()
+    has_order = method in (1, 2) and order is not None
+    if has_order:
+        if tuple(order.shape) != (B, K, K):
+            raise ValueError(f"order must be (B, K, K) = {(B, K, K)}, got {tuple(order.shape)}")
+        order = order.to(device=dev, dtype=torch.int64).contiguous()
+    if sample_weight is not None:
+        if tuple(sample_weight.shape) != (B,):
+            raise ValueError(f"sample_weight must be (B,) = {(B,)}, got {tuple(sample_weight.shape)}")
+        sample_weight = sample_weight.to(**f32).contiguous()
+
+    M = torch.empty(B, K, K, **f32)
+    cos = torch.empty(B, K, K, **f32)
+    w = torch.empty(B, K, **f32)
+    phi = torch.zeros(B, K, K, **f32) if method == 2 else None
+    if B == 0 or D == 0:  # nothing to stream: the reference handles the degenerate cases
+        from ..engine import reference
+
+        return reference.fused(G, method, order, target, sample_weight, reduction)
+
+    dummy = M  # stands for absent optional pointers (never dereferenced)
+    order_arg = order if has_order else dummy
+    target_arg = target if method == 2 else dummy
+    sw_arg = sample_weight if sample_weight is not None else dummy
+    phi_arg = phi if phi is not None else dummy
+
+    if _path(G, path) == "small":
+        BLOCK_D = min(_gram_block(KP), _next_pow2(D))
+        one_tile = D <= BLOCK_D
+        deterministic = torch.are_deterministic_algorithms_enabled()
+        if reduction == "none":
+            out = torch.empty(B, D, dtype=G.dtype, device=dev)
+            atomic = False
+        elif deterministic:
+            out = torch.empty(B, D, **f32)  # per-sample rows, summed below in fixed order
+            atomic = False
+        else:
+            out = torch.zeros(D, **f32)
+            atomic = True
+        _fused_small_kernel[(B,)](
+            G, out, M, cos, w, phi_arg, order_arg, target_arg, sw_arg, D,
+            K=K, KP=KP, BLOCK_D=BLOCK_D, ONE_TILE=one_tile, METHOD=method,
+            HAS_ORDER=has_order, HAS_SW=sample_weight is not None, ATOMIC_SUM=atomic,
+            num_warps=_warps(KP * KP * BLOCK_D),
+        )
+        if reduction == "sum":
+            if not atomic:
+                out = out.sum(0)
+            out = out.to(G.dtype)
+        return out, M, cos, w, phi
+
+    # large: gram pass (partials) -> solve (grid B) -> combine pass
+    BLOCK_D = min(_gram_block(KP), _next_pow2(D))
+    TILES = max(1, min(_CHUNK // BLOCK_D, triton.cdiv(D, BLOCK_D)))
+    NC = triton.cdiv(D, BLOCK_D * TILES)
+    part = torch.empty(B, NC, K, K, **f32)
+    _gram_kernel[(B * NC,)](
+        G, part, D, NC, K=K, KP=KP, BLOCK_D=BLOCK_D, TILES=TILES,
+        num_warps=_warps(KP * KP * BLOCK_D),
+    )
+    _solve_kernel[(B,)](
+        part, M, cos, w, phi_arg, order_arg, target_arg, sw_arg, NC,
+        K=K, KP=KP, METHOD=method, HAS_ORDER=has_order, HAS_SW=sample_weight is not None,
+        num_warps=1,
+    )
+    out = _combine(G, w, reduction)
+    return out, M, cos, w, phi
+
+
+# ----------------------------------------------------------------------------------------
+# backend
+# ----------------------------------------------------------------------------------------
+
+
+class TritonBackend:
+    """The Triton backend of the engine (``name = "triton"``).
+
+    Runs on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1`` (slow; for
+    tests). Takes float32 / float16 / bfloat16 and K <= 8; anything else is left to the
+    next backend (``supports`` returns False).
+    """
+
+    name = "triton"
+
+    def __init__(self) -> None:
+        if triton is None:
+            raise RuntimeError(f"triton is not importable ({_TRITON_ERROR})")
+        self.interpret = _interpret()
+        if not self.interpret and not torch.cuda.is_available():
+            raise RuntimeError(
+                "triton backend needs a CUDA GPU (torch.cuda.is_available() is False); "
+                "set TRITON_INTERPRET=1 before importing it to run the kernels on CPU"
+            )
+
+    def supports(self, G: Tensor) -> bool:
+        if G.dim() != 3 or G.dtype not in SUPPORTED_DTYPES or G.shape[1] > MAX_K:
+            return False
+        if G.device.type == "cuda":
+            return True
+        return self.interpret and G.device.type == "cpu"
+
+    def gram(self, G: Tensor) -> Tensor:
+        return gram_forward(G)
+
+    def combine(self, G: Tensor, w: Tensor, reduction: str) -> Tensor:
+        return combine_forward(G, w, reduction)
+
+    def fused(self, G, method, order, target, sample_weight, reduction):
+        return fused_forward(G, method, order, target, sample_weight, reduction)
