@@ -50,6 +50,31 @@ def _tiny(dtype: torch.dtype) -> float:
     return 1e-280 if dtype == torch.float64 else 1e-30
 
 
+def _huge(dtype: torch.dtype) -> float:
+    # Above this squared norm products of two norms may overflow; rescale.
+    return 1e280 if dtype == torch.float64 else 1e36
+
+
+def _needs_repair(M: Tensor) -> bool:
+    """True when some squared norm is NaN/inf, zero or outside the safe range.
+
+    One small reduction and one host sync: ``aminmax`` propagates NaN, and every
+    comparison with NaN is False.
+    """
+    if M.shape[0] == 0:
+        return False
+    lo, hi = torch.aminmax(M.diagonal(dim1=1, dim2=2))
+    lo_, hi_ = torch.stack([lo, hi]).tolist()
+    return not (lo_ >= _tiny(M.dtype) and hi_ <= _huge(M.dtype))
+
+
+def _bad_samples(M: Tensor) -> Tensor:
+    """Indices (n,) of the samples that need the rescaled solve or hold NaN/inf."""
+    diag = M.diagonal(dim1=1, dim2=2)
+    ok = (diag >= _tiny(M.dtype)) & (diag <= _huge(M.dtype))  # False for NaN
+    return (~ok).any(-1).nonzero().squeeze(-1)
+
+
 def _solve(M: Tensor, method: Optional[int], order, target, solve_fn: Optional[SolveFn]):
     if method is not None:
         return reference.solve(M, method, order, target)
@@ -112,11 +137,9 @@ def run(
         cos, w, phi = _solve(M, method, order, target, solve_fn)
         out = s = None
 
-    diag = M.diagonal(dim1=1, dim2=2)
-    bad = ~torch.isfinite(diag) | (diag < _tiny(M.dtype))
     nonfinite_idx = None
-    if B > 0 and bool(bad.any()):  # the one host sync of a call
-        idx = bad.any(-1).nonzero().squeeze(-1)
+    if _needs_repair(M):  # the one host sync of a call
+        idx = _bad_samples(M)
         Gi = G.index_select(0, idx)
         finite_rows = torch.isfinite(Gi).all(-1)  # (n, K)
         if not bool(finite_rows.all()):
@@ -182,10 +205,8 @@ def gram_pass(G: Tensor, *, backend: str = "auto", nonfinite: str = "raise") -> 
     M = be.gram(G)
     M_solve = M
     finite = torch.ones(G.shape[0], dtype=torch.bool, device=G.device)
-    diag = M.diagonal(dim1=1, dim2=2)
-    bad = ~torch.isfinite(diag) | (diag < _tiny(M.dtype))
-    if G.shape[0] > 0 and bool(bad.any()):
-        idx = bad.any(-1).nonzero().squeeze(-1)
+    if _needs_repair(M):
+        idx = _bad_samples(M)
         Gi = G.index_select(0, idx)
         finite_rows = torch.isfinite(Gi).all(-1)
         if not bool(finite_rows.all()):

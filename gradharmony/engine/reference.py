@@ -15,7 +15,7 @@ Method ids shared with the compiled kernels: 0 = sum, 1 = pcgrad, 2 = gradvac.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import Tensor
@@ -68,7 +68,7 @@ def gram(G: Tensor) -> Tensor:
 def _safe_div(num: Tensor, den: Tensor) -> Tensor:
     """num / den where den > 0, else 0 (no NaN, no inf)."""
     pos = den > 0
-    return torch.where(pos, num / torch.where(pos, den, torch.ones_like(den)), torch.zeros_like(num))
+    return torch.where(pos, num / torch.where(pos, den, torch.ones_like(den)), 0.0)
 
 
 def cosine(M: Tensor) -> Tensor:
@@ -92,8 +92,34 @@ def sum_weights(M: Tensor) -> Tensor:
     return torch.ones(M.shape[:2], dtype=M.dtype, device=M.device)
 
 
-def _identity_order(B: int, K: int, device: torch.device) -> Tensor:
-    return torch.arange(K, device=device).expand(B, K, K)
+def _row(M: Tensor, j: Union[int, Tensor]) -> Tensor:
+    """Row j of each Gram matrix: (B, K). ``j`` is an int or a (B,) index tensor."""
+    if isinstance(j, int):
+        return M[:, j]
+    B, K, _ = M.shape
+    return M.gather(1, j.view(B, 1, 1).expand(B, 1, K)).squeeze(1)
+
+
+def _pick(x: Tensor, j: Union[int, Tensor]) -> Tensor:
+    """x[b, j_b] for x (B, K): (B,)."""
+    if isinstance(j, int):
+        return x[:, j]
+    return x.gather(1, j.view(-1, 1)).squeeze(1)
+
+
+def _add_at(C_i: Tensor, j: Union[int, Tensor], v: Tensor) -> None:
+    """C_i[b, j_b] += v_b in place (C_i a (B, K) view)."""
+    if isinstance(j, int):
+        C_i[:, j] += v
+    else:
+        C_i.scatter_add_(1, j.view(-1, 1), v.view(-1, 1))
+
+
+def _visits(K: int, i: int, order: Optional[Tensor]):
+    """The visiting sequence of loss i: ints (fixed order) or (B,) tensors (random)."""
+    if order is None:
+        return [(j, None) for j in range(K) if j != i]
+    return [(order[:, i, t], order[:, i, t] != i) for t in range(K)]
 
 
 def pcgrad_weights(M: Tensor, order: Optional[Tensor] = None) -> Tensor:
@@ -112,19 +138,17 @@ def pcgrad_weights(M: Tensor, order: Optional[Tensor] = None) -> Tensor:
         (B, K) weights w with ``out_b = w_b^T G_b``.
     """
     B, K, _ = M.shape
-    if order is None:
-        order = _identity_order(B, K, M.device)
-    ar = torch.arange(B, device=M.device)
     C = torch.eye(K, dtype=M.dtype, device=M.device).repeat(B, 1, 1)
+    diag = M.diagonal(dim1=1, dim2=2)
     for i in range(K):
-        for t in range(K):
-            j = order[:, i, t]
-            Mj = M[ar, j]  # (B, K): g_j . g_k for all k
-            dot = (C[:, i] * Mj).sum(-1)  # g'_i . g_j
-            Mjj = M[ar, j, j]
-            hit = (j != i) & (dot < 0) & (Mjj > 0)
-            coef = torch.where(hit, -_safe_div(dot, Mjj), torch.zeros_like(dot))
-            C[ar, i, j] += coef
+        C_i = C[:, i]  # view: updates land in C
+        for j, valid in _visits(K, i, order):
+            dot = (C_i * _row(M, j)).sum(-1)  # g'_i . g_j
+            hit = dot < 0
+            if valid is not None:
+                hit = hit & valid
+            coef = torch.where(hit, -_safe_div(dot, _pick(diag, j)), torch.zeros_like(dot))
+            _add_at(C_i, j, coef)
     return C.sum(1)
 
 
@@ -148,30 +172,32 @@ def gradvac_weights(
         visit (zero on the diagonal), from which the caller updates the EMA.
     """
     B, K, _ = M.shape
-    if order is None:
-        order = _identity_order(B, K, M.device)
-    ar = torch.arange(B, device=M.device)
-    target = target.to(M.dtype)
+    target = target.to(device=M.device, dtype=M.dtype)
     C = torch.eye(K, dtype=M.dtype, device=M.device).repeat(B, 1, 1)
     phi_seen = torch.zeros(B, K, K, dtype=M.dtype, device=M.device)
+    diag = M.diagonal(dim1=1, dim2=2)
     for i in range(K):
-        cG = torch.einsum("bk,bkj->bj", C[:, i], M)  # g'_i . g_j for all j
-        for t in range(K):
-            j = order[:, i, t]
-            valid = j != i
-            dot = cG[ar, j]
-            norm_i = (cG * C[:, i]).sum(-1).clamp_min(0).sqrt()
-            norm_j = M[ar, j, j].clamp_min(0).sqrt()
+        C_i = C[:, i]
+        cG = torch.einsum("bk,bkj->bj", C_i, M)  # g'_i . g_j for all j
+        for j, valid in _visits(K, i, order):
+            dot = _pick(cG, j)
+            norm_i = (cG * C_i).sum(-1).clamp_min(0).sqrt()
+            norm_j = _pick(diag, j).clamp_min(0).sqrt()
             phi = _safe_div(dot, norm_i * norm_j).clamp(-1.0, 1.0)
-            tgt = target[i, j]
-            hit = valid & (phi < tgt) & (norm_j > 0) & (norm_i > 0)
+            tgt = target[i, j] if isinstance(j, int) else target[i].gather(0, j)
+            hit = (phi < tgt) & (norm_j > 0) & (norm_i > 0)
+            if valid is not None:
+                hit = hit & valid
             s_phi = (1 - phi * phi).clamp_min(0).sqrt()
             s_tgt = (1 - tgt * tgt).clamp_min(0).sqrt()
             coef = _safe_div(norm_i * (tgt * s_phi - phi * s_tgt), norm_j * s_tgt)
             coef = torch.where(hit, coef, torch.zeros_like(coef))
-            C[ar, i, j] += coef
-            cG = cG + coef.unsqueeze(1) * M[ar, j]
-            phi_seen[ar, i, j] = torch.where(valid, phi, phi_seen[ar, i, j])
+            _add_at(C_i, j, coef)
+            cG = cG + coef.unsqueeze(1) * _row(M, j)
+            if valid is None:
+                phi_seen[:, i, j] = phi
+            else:
+                phi_seen[:, i].scatter_(1, j.view(-1, 1), torch.where(valid, phi, torch.zeros_like(phi)).view(-1, 1))
     return C.sum(1), phi_seen
 
 
