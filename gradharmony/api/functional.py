@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence, Union
 
@@ -38,7 +39,8 @@ def as_per_sample_grads(grads: Union[Tensor, Sequence[Tensor]]) -> Tensor:
             raise TypeError(f"gradients must be floating point, got dtype {grads.dtype}")
         if grads.shape[1] < 2:
             raise ValueError(f"need gradients of K >= 2 losses, got K={grads.shape[1]} (shape {tuple(grads.shape)})")
-        G = grads.reshape(grads.shape[0], grads.shape[1], -1)
+        # explicit trailing size: reshape(..., -1) is ambiguous for an empty batch (B = 0)
+        G = grads.reshape(grads.shape[0], grads.shape[1], math.prod(grads.shape[2:]))
         return G.contiguous()
     if not isinstance(grads, (list, tuple)):
         raise TypeError(f"grads must be a tensor (B, K, D) or a sequence of K tensors, got {type(grads).__name__}")
@@ -62,7 +64,8 @@ def as_per_sample_grads(grads: Union[Tensor, Sequence[Tensor]]) -> Tensor:
         if g.dtype != first.dtype:
             raise TypeError(f"gradient of loss {k} has dtype {g.dtype} but loss 0 has {first.dtype}")
     B = first.shape[0]
-    return torch.stack([g.reshape(B, -1) for g in grads], dim=1)
+    D = math.prod(first.shape[1:])  # not -1: ambiguous for an empty batch (B = 0)
+    return torch.stack([g.reshape(B, D) for g in grads], dim=1)
 
 
 @dataclass
