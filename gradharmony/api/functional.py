@@ -179,13 +179,21 @@ def harmonize(
         mask = torch.ones(B, dtype=torch.bool, device=G.device) if mask is None else mask.clone()
         mask[res.nonfinite_samples] = False
     rule.update(res.cos, res.phi, mask)
+    raw = raw_box.get("raw")
+    if raw is not None and raw.shape[0] != B and mask is not None:
+        # nonfinite="skip": the curriculum saw only the finite samples; skipped ones get 0
+        full = raw.new_zeros(B)
+        keep = torch.ones(B, dtype=torch.bool, device=G.device)
+        keep[res.nonfinite_samples] = False
+        full[keep] = raw
+        raw = full
     return HarmonizeResult(
         grad=out,
         cos=res.cos,
         weights=res.weights,
         gram=res.gram,
         sample_weights=res.sample_weights,
-        curriculum_weights=raw_box.get("raw"),
+        curriculum_weights=raw,
         backend=res.backend,
         threshold=curriculum.threshold if curriculum is not None else None,
         nonfinite_samples=res.nonfinite_samples,

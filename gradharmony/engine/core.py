@@ -148,12 +148,26 @@ def run(
             if nonfinite in ("skip", "zero"):
                 bad_samples = idx[~finite_rows.all(-1)]
                 Gs = G.clone()
+                wf = weight_fn
                 if nonfinite == "zero":
                     Gs = torch.nan_to_num_(Gs, nan=0.0, posinf=0.0, neginf=0.0)
                 else:
                     Gs[bad_samples] = 0
+                    if weight_fn is not None:
+                        # a skipped sample is out of the batch for the curriculum too: its
+                        # score must not enter the quantile or the normalization
+                        keep = torch.ones(B, dtype=torch.bool, device=G.device)
+                        keep[bad_samples] = False
+
+                        def _skip_wf(cos: Tensor, keep: Tensor = keep, inner: WeightFn = weight_fn) -> Tensor:
+                            s_keep = inner(cos[keep])
+                            s_all = s_keep.new_zeros(cos.shape[0])
+                            s_all[keep] = s_keep
+                            return s_all
+
+                        wf = _skip_wf
                 res = run(Gs, backend=backend, method=method, order=order, target=target,
-                          solve_fn=solve_fn, weight_fn=weight_fn, reduction=reduction,
+                          solve_fn=solve_fn, weight_fn=wf, reduction=reduction,
                           nonfinite="raise")
                 res.nonfinite_samples = bad_samples
                 if nonfinite == "skip":
