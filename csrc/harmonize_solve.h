@@ -58,74 +58,78 @@ GH_HD int visit(const int64_t* order, int K, int i, int t) {
   return order ? static_cast<int>(order[i * K + t]) : t;
 }
 
-// PCGrad in Gram form: C = I; for i, for j in order[i] (j != i): dot = C_i . M_j; if dot < 0
-// and M_jj > 0: C_ij -= dot / M_jj. w = sum_i C_i. Out-of-range j are skipped (the engine
-// validates orders; the CPU op also checks them).
+// PCGrad in Gram form, row i: C_i = e_i; for j in order[i] (j != i): dot = C_i . M_j; if
+// dot < 0 and M_jj > 0: C_ij -= dot / M_jj. Rows are independent; w = sum_i C_i.
+// Out-of-range j are skipped (the engine validates orders; the CPU op also checks them).
 template <typename T>
-GH_HD void pcgrad_solve(const T* M, int K, const int64_t* order, T* w) {
-  T C[kMaxFusedK][kMaxFusedK];
-  for (int i = 0; i < K; ++i)
-    for (int k = 0; k < K; ++k) C[i][k] = i == k ? T(1) : T(0);
-  for (int i = 0; i < K; ++i) {
-    for (int t = 0; t < K; ++t) {
-      const int j = visit(order, K, i, t);
-      if (j == i || j < 0 || j >= K) continue;
-      T dot = T(0);
-      for (int k = 0; k < K; ++k) dot += C[i][k] * M[j * K + k];
-      const T Mjj = M[j * K + j];
-      if (dot < T(0) && Mjj > T(0)) C[i][j] += -(dot / Mjj);
-    }
-  }
-  for (int k = 0; k < K; ++k) {
-    T s = T(0);
-    for (int i = 0; i < K; ++i) s += C[i][k];
-    w[k] = s;
+GH_HD void pcgrad_row(const T* M, int K, const int64_t* order, int i, T* Ci) {
+  for (int k = 0; k < K; ++k) Ci[k] = i == k ? T(1) : T(0);
+  for (int t = 0; t < K; ++t) {
+    const int j = visit(order, K, i, t);
+    if (j == i || j < 0 || j >= K) continue;
+    T dot = T(0);
+    for (int k = 0; k < K; ++k) dot += Ci[k] * M[j * K + k];
+    const T Mjj = M[j * K + j];
+    if (dot < T(0) && Mjj > T(0)) Ci[j] += -(dot / Mjj);
   }
 }
 
-// GradVac in Gram form (reference.gradvac_weights); phi[i][j] = cosine seen at the visit of
-// j by i (0 on the diagonal and for unvisited pairs). target: K x K in T.
+// GradVac in Gram form (reference.gradvac_weights), row i. phi_i[j] = cosine seen at the visit
+// of j by i (0 on the diagonal and for unvisited j). target: K x K in T.
 template <typename T>
-GH_HD void gradvac_solve(const T* M, int K, const int64_t* order, const T* target, T* w, T* phi) {
-  T C[kMaxFusedK][kMaxFusedK];
-  for (int i = 0; i < K; ++i)
-    for (int k = 0; k < K; ++k) {
-      C[i][k] = i == k ? T(1) : T(0);
-      phi[i * K + k] = T(0);
-    }
-  for (int i = 0; i < K; ++i) {
-    T cG[kMaxFusedK];  // g'_i . g_l for all l
-    for (int l = 0; l < K; ++l) {
-      T s = T(0);
-      for (int k = 0; k < K; ++k) s += C[i][k] * M[k * K + l];
-      cG[l] = s;
-    }
-    for (int t = 0; t < K; ++t) {
-      const int j = visit(order, K, i, t);
-      if (j < 0 || j >= K) continue;
-      const bool valid = j != i;
-      const T dot = cG[j];
-      T nn = T(0);
-      for (int k = 0; k < K; ++k) nn += cG[k] * C[i][k];
-      const T norm_i = gh_sqrt(clamp_min0(nn));
-      const T norm_j = gh_sqrt(clamp_min0(M[j * K + j]));
-      const T p = clamp_unit(safe_div(dot, norm_i * norm_j));
-      const T tgt = target[i * K + j];
-      if (valid && p < tgt && norm_j > T(0) && norm_i > T(0)) {
-        const T s_phi = gh_sqrt(clamp_min0(T(1) - p * p));
-        const T s_tgt = gh_sqrt(clamp_min0(T(1) - tgt * tgt));
-        const T coef = safe_div(norm_i * (tgt * s_phi - p * s_tgt), norm_j * s_tgt);
-        C[i][j] += coef;
-        for (int l = 0; l < K; ++l) cG[l] += coef * M[j * K + l];
-      }
-      if (valid) phi[i * K + j] = p;
-    }
-  }
+GH_HD void gradvac_row(const T* M, int K, const int64_t* order, const T* target, int i, T* Ci,
+                       T* phi_i) {
   for (int k = 0; k < K; ++k) {
-    T s = T(0);
-    for (int i = 0; i < K; ++i) s += C[i][k];
-    w[k] = s;
+    Ci[k] = i == k ? T(1) : T(0);
+    phi_i[k] = T(0);
   }
+  T cG[kMaxFusedK];  // g'_i . g_l for all l
+  for (int l = 0; l < K; ++l) {
+    T s = T(0);
+    for (int k = 0; k < K; ++k) s += Ci[k] * M[k * K + l];
+    cG[l] = s;
+  }
+  for (int t = 0; t < K; ++t) {
+    const int j = visit(order, K, i, t);
+    if (j < 0 || j >= K) continue;
+    const bool valid = j != i;
+    const T dot = cG[j];
+    T nn = T(0);
+    for (int k = 0; k < K; ++k) nn += cG[k] * Ci[k];
+    const T norm_i = gh_sqrt(clamp_min0(nn));
+    const T norm_j = gh_sqrt(clamp_min0(M[j * K + j]));
+    const T p = clamp_unit(safe_div(dot, norm_i * norm_j));
+    const T tgt = target[i * K + j];
+    if (valid && p < tgt && norm_j > T(0) && norm_i > T(0)) {
+      const T s_phi = gh_sqrt(clamp_min0(T(1) - p * p));
+      const T s_tgt = gh_sqrt(clamp_min0(T(1) - tgt * tgt));
+      const T coef = safe_div(norm_i * (tgt * s_phi - p * s_tgt), norm_j * s_tgt);
+      Ci[j] += coef;
+      for (int l = 0; l < K; ++l) cG[l] += coef * M[j * K + l];
+    }
+    if (valid) phi_i[j] = p;
+  }
+}
+
+// Row i of the coefficient matrix C of `method` (phi_i written for gradvac only).
+template <typename T>
+GH_HD void solve_row(const T* M, int K, int method, const int64_t* order, const T* target, int i,
+                     T* Ci, T* phi_i) {
+  if (method == kPCGrad) {
+    pcgrad_row(M, K, order, i, Ci);
+  } else if (method == kGradVac) {
+    gradvac_row(M, K, order, target, i, Ci, phi_i);
+  } else {
+    for (int k = 0; k < K; ++k) Ci[k] = i == k ? T(1) : T(0);
+  }
+}
+
+// w_k = (sum_i C_ik) * sw, summed in order i = 0..K-1. C: K x K row-major.
+template <typename T>
+GH_HD T weight_from_rows(const T* C, int K, int k, T sw) {
+  T s = T(0);
+  for (int i = 0; i < K; ++i) s += C[i * K + k];
+  return s * sw;
 }
 
 // The whole per-sample solve: cos (K*K), w (K, times sample weight sw), phi (K*K, gradvac only;
@@ -134,14 +138,12 @@ template <typename T>
 GH_HD void solve_sample(const T* M, int K, int method, const int64_t* order, const T* target,
                         T sw, T* cos, T* w, T* phi) {
   cosine_matrix(M, K, cos);
-  if (method == kPCGrad) {
-    pcgrad_solve(M, K, order, w);
-  } else if (method == kGradVac) {
-    gradvac_solve(M, K, order, target, w, phi);
-  } else {
-    for (int k = 0; k < K; ++k) w[k] = T(1);
-  }
-  for (int k = 0; k < K; ++k) w[k] = w[k] * sw;
+  T C[kMaxFusedK * kMaxFusedK];
+  T phi_dummy[kMaxFusedK];
+  for (int i = 0; i < K; ++i)
+    solve_row(M, K, method, order, target, i, C + i * K,
+              method == kGradVac ? phi + i * K : phi_dummy);
+  for (int k = 0; k < K; ++k) w[k] = weight_from_rows(C, K, k, sw);
 }
 
 }  // namespace gradharmony
