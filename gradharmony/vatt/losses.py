@@ -16,7 +16,7 @@ with padded candidates (``mask`` False) left out everywhere.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
@@ -26,22 +26,45 @@ __all__ = ["nce_per_sample", "mil_nce_per_sample", "gather_features"]
 NEG_INF = float("-inf")
 
 
+class _GatherWithGrad(torch.autograd.Function):
+    """All-gather along dim 0; backward sums the incoming gradients over ranks and keeps this rank's rows."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor) -> Tensor:  # type: ignore[override]
+        import torch.distributed as dist
+
+        ctx.rank, ctx.rows = dist.get_rank(), x.shape[0]
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:  # type: ignore[override]
+        import torch.distributed as dist
+
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
+
+
 def gather_features(x: Tensor) -> tuple[Tensor, int]:
-    """All-gather ``x`` (B, ...) over the default process group with gradients.
+    """All-gather ``x`` (B, ...) over the default process group, with gradients.
 
     Returns (gathered (world*B, ...), offset of this rank's rows). Without an initialised process
     group (or world size 1) returns (x, 0). The backward sums the gradients every rank's loss sends
-    to this rank's rows (``torch.distributed.nn.functional.all_gather``), so with DDP's gradient
-    averaging the parameter gradients equal those of one process on the global batch.
+    to this rank's rows (as open_clip's ``gather_features`` with ``gather_with_grad``), so with
+    DDP's gradient averaging the parameter gradients equal those of one process on the global batch
+    (each rank's loss is the mean over its local anchors; equal local batch sizes).
     """
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x, 0
-    from torch.distributed.nn.functional import all_gather
-
-    parts = all_gather(x.contiguous())
-    return torch.cat(parts, dim=0), dist.get_rank() * x.shape[0]
+    if not x.requires_grad:
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts, dim=0), dist.get_rank() * x.shape[0]
+    return _GatherWithGrad.apply(x), dist.get_rank() * x.shape[0]
 
 
 def nce_per_sample(za: Tensor, zb: Tensor, za_all: Optional[Tensor] = None, zb_all: Optional[Tensor] = None,

@@ -73,8 +73,11 @@ class ManifestDataset:
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         row = self.rows[index]
-        video = self._load_video(row)
-        audio = self._load_audio(row)
+        try:
+            video = self._load_video(row)
+            audio = self._load_audio(row)
+        except DataError as e:
+            raise DataError(f"{self._where(row['lineno'])}: {e}") from None
         text, mask = self.tokenizer.encode_many(row["captions"], self.cfg.num_narrations, self.cfg.max_text_len)
         return {"video": video, "audio": audio, "text": text, "text_mask": mask, "label": row["label"],
                 "misaligned": row["misaligned"], "index": index}
@@ -112,8 +115,11 @@ class ManifestDataset:
                    "label": _opt_int(row.get("label"), self._where(lineno), "label"),
                    "misaligned": _opt_int(row.get("misaligned"), self._where(lineno), "misaligned"),
                    "lineno": lineno}
-        _probe_video(video)
-        _probe_audio(audio)
+        try:
+            _probe_video(video)
+            _probe_audio(audio)
+        except DataError as e:
+            raise DataError(f"{self._where(lineno)}: {e}") from None
         return checked
 
     # ------------------------------------------------------------------ loading

@@ -265,7 +265,7 @@ class Trainer:
     def _check_finite(self, loss: Tensor) -> None:
         bad = (~torch.isfinite(loss.detach())).float()
         if float(all_reduce_mean(bad, self.ctx)) > 0:
-            raise NonFiniteLossError(f"non-finite loss ({float(loss):.4g}) at step {self.state.step + 1}")
+            raise NonFiniteLossError(f"non-finite loss ({float(loss.detach()):.4g}) at step {self.state.step + 1}")
 
     def _last_stats(self) -> Optional[Any]:
         src = self.harmonizer if self.harmonizer is not None else self.hopt

@@ -1,0 +1,96 @@
+"""Command line: option / config errors name the option; a manifest run end to end; resume errors."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from gradharmony.vatt.cli import main
+from gradharmony.vatt.config import ConfigError, build_config
+
+from .conftest import tiny_argv
+from .test_data import make_clips, write_jsonl
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--preset", "huge"], "--preset: unknown preset 'huge'"),
+    (["--method", "avg"], "--method (harmony.method): must be one of sum, pcgrad, gradvac"),
+    (["--steps", "abc"], "--steps (train.steps): expected an integer, got 'abc'"),
+    (["--steps", "0"], "--steps (train.steps): must be >= 1"),
+    (["--batch-size", "1"], "--batch-size (train.batch_size): must be >= 2"),
+    (["--level", "layer"], "--level (harmony.level): must be one of feature, parameter, none"),
+    (["--curriculum", "fraction", "--curriculum-start", "1.5"], "--curriculum-start (harmony.curriculum_start)"),
+    (["--misaligned-fraction", "2"], "--misaligned-fraction (data.misaligned_fraction): must be in [0, 1]"),
+    (["--set", "train.nope=1"], "unknown option 'train.nope'"),
+    (["--set", "train.steps"], "--set: expected SECTION.FIELD=VALUE"),
+    (["--set", "model.video_patch=3,8,8"], "model.video_patch: temporal patch 3 must divide data.frames=8"),
+    (["--config", "/nonexistent.json"], "--config: file not found"),
+    (["--level", "none", "--curriculum", "fraction"], "--curriculum (harmony.curriculum): needs harmony.level"),
+])
+def test_bad_options_exit_2_naming_the_option(argv: list[str], message: str, capsys) -> None:
+    assert main(argv + ["--print-config"]) == 2
+    err = capsys.readouterr().err
+    assert message in err, err
+
+
+def test_config_file_json_and_precedence(tmp_path, capsys) -> None:
+    p = tmp_path / "c.json"
+    p.write_text(json.dumps({"preset": "small", "train": {"steps": 7, "lr": 0.01}, "harmony": {"method": "gradvac"}}))
+    assert main(["--config", str(p), "--steps", "9", "--print-config"]) == 0
+    cfg = json.loads(capsys.readouterr().out)
+    assert cfg["preset"] == "small" and cfg["model"]["d_model"] == 256
+    assert cfg["train"]["steps"] == 9 and cfg["train"]["lr"] == 0.01 and cfg["harmony"]["method"] == "gradvac"
+
+
+@pytest.mark.parametrize("content,message", [
+    ('{"train": {"stepz": 3}}', "unknown option 'train.stepz'"),
+    ('{"trainer": {}}', "unknown section 'trainer'"),
+    ('{"train": {"steps": "x"}}', "train.steps: expected an integer"),
+    ("{not json", "invalid JSON"),
+])
+def test_bad_config_files(tmp_path, content: str, message: str) -> None:
+    p = tmp_path / "c.json"
+    p.write_text(content)
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        build_config(file=str(p))
+
+
+def test_yaml_needs_pyyaml_or_works(tmp_path) -> None:
+    p = tmp_path / "c.yaml"
+    p.write_text("train:\n  steps: 5\n")
+    try:
+        import yaml  # noqa: F401
+    except ImportError:
+        with pytest.raises(ConfigError, match="PyYAML is not installed"):
+            build_config(file=str(p))
+    else:
+        assert build_config(file=str(p)).train.steps == 5
+
+
+def test_cli_run_on_a_manifest_then_resume_errors(tmp_path, capsys) -> None:
+    data = tmp_path / "data"
+    rows = make_clips(str(data), n=9, bad={8: "missing"})
+    manifest = write_jsonl(str(data), rows)
+    out = tmp_path / "run"
+    argv = ["--data", manifest, "--skip-bad", "--steps", "2", "--batch-size", "4", "--method", "pcgrad"]
+    argv = tiny_argv(str(out)) + argv
+    assert main(argv) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "completed" and "eval/v2t_R@1" in summary
+    assert "eval/probe_acc" in summary  # labels known: probe on half of the eval clips
+    # a second fresh run into the same folder is refused, resume of a missing checkpoint too
+    assert main(argv) == 2
+    assert "already holds checkpoints" in capsys.readouterr().err
+    assert main(argv + ["--resume", str(tmp_path / "nope.pt")]) == 2
+    assert "checkpoint not found" in capsys.readouterr().err
+    # finished run resumed: nothing left to do, still exits 0
+    assert main(argv + ["--resume", "latest"]) == 0
+
+
+def test_cli_bad_manifest_exits_2(tmp_path, capsys) -> None:
+    data = tmp_path / "data"
+    manifest = write_jsonl(str(data), make_clips(str(data), n=4, bad={1: "caption"}))
+    assert main(tiny_argv(str(tmp_path / "run")) + ["--data", manifest]) == 2
+    err = capsys.readouterr().err
+    assert "line 2: empty caption" in err and os.path.basename(manifest) in err

@@ -1,0 +1,93 @@
+"""Training smoke tests per method and level, bit-for-bit resume, NaN stop, evaluation outputs."""
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+from gradharmony.vatt.checkpoint import list_checkpoints, load_checkpoint
+from gradharmony.vatt.trainer import Trainer
+
+from .conftest import read_metrics, tiny_config
+
+
+@pytest.mark.parametrize("method,level,curriculum", [
+    ("sum", "feature", "off"), ("pcgrad", "feature", "fraction"), ("gradvac", "feature", "threshold"),
+    ("pcgrad", "parameter", "fraction"), ("sum", "none", "off"),
+])
+def test_two_steps_per_method_and_level(tmp_path, method: str, level: str, curriculum: str) -> None:
+    cfg = tiny_config(tmp_path, harmony__method=method, harmony__level=level, harmony__curriculum=curriculum)
+    before = {k: v.clone() for k, v in Trainer(cfg, overwrite=True).raw_model.state_dict().items()}
+    tr = Trainer(cfg)
+    summary = tr.fit()
+    assert summary["status"] == "completed" and summary["step"] == 2
+    recs = [r for r in read_metrics(str(tmp_path)) if "train/loss" in r]
+    assert [r["step"] for r in recs] == [1, 2]
+    assert all(math.isfinite(r["loss"]) for r in recs)
+    if level == "none":
+        assert "train/conflict_fraction" not in recs[0]
+    else:
+        assert 0.0 <= recs[0]["train/conflict_fraction"] <= 1.0
+        assert sum(recs[0]["train/score_hist"]) == cfg.train.batch_size
+        assert "train/conflict/cos_q50" in recs[0]
+    changed = any(not torch.equal(before[k], v) for k, v in tr.raw_model.state_dict().items())
+    assert changed
+    assert len(list_checkpoints(os.path.join(str(tmp_path), "checkpoints"))) == 1
+    assert "eval/v2t_R@1" in summary and "eval/probe_acc" in summary
+
+
+def test_resume_is_bit_for_bit(tmp_path) -> None:
+    kw = dict(train__steps=4, harmony__method="gradvac", harmony__curriculum="fraction",
+              harmony__curriculum_warmup=0.0, harmony__curriculum_ramp=1.0, model__drop_token=0.5,
+              model__dropout=0.1)
+    straight = Trainer(tiny_config(tmp_path / "a", **kw))
+    straight.fit()
+    Trainer(tiny_config(tmp_path / "b", train__stop_after=2, **kw)).fit()
+    assert [r["step"] for r in read_metrics(str(tmp_path / "b")) if "loss" in r] == [1, 2]
+    resumed = Trainer(tiny_config(tmp_path / "b", train__resume="latest", **kw))
+    resumed.fit()
+    la = [(r["step"], r["loss"], r["train/score_mean"]) for r in read_metrics(str(tmp_path / "a")) if "loss" in r]
+    lb = [(r["step"], r["loss"], r["train/score_mean"]) for r in read_metrics(str(tmp_path / "b")) if "loss" in r]
+    assert la == lb and len(la) == 4
+    for k, v in straight.raw_model.state_dict().items():
+        assert torch.equal(v, resumed.raw_model.state_dict()[k]), k
+    ck = load_checkpoint(list_checkpoints(str(tmp_path / "b" / "checkpoints"))[-1])
+    assert {"model", "optimizer", "scheduler", "harmony", "curriculum", "rng", "sampler", "train_state"} <= set(ck)
+    assert ck["curriculum"]["step_count"] == 4 and ck["sampler"]["cursor"] > 0
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, capsys) -> None:
+    cfg = tiny_config(tmp_path, train__steps=6, train__ckpt_every=2)
+    tr = Trainer(cfg)
+    calls = {"n": 0}
+    orig = tr.compute_losses
+
+    def poisoned(out, mask):
+        calls["n"] += 1
+        l_va, l_vt = orig(out, mask)
+        return (l_va * float("nan"), l_vt) if calls["n"] == 3 else (l_va, l_vt)
+
+    monkeypatch.setattr(tr, "compute_losses", poisoned)
+    summary = tr.fit()
+    assert summary["status"] == "nonfinite" and summary["step"] == 2
+    ckpts = list_checkpoints(os.path.join(str(tmp_path), "checkpoints"))
+    assert [os.path.basename(p) for p in ckpts] == ["step_00000002.pt"]
+    out = capsys.readouterr().out
+    assert "non-finite loss" in out and "at step 3" in out and "step_00000002.pt" in out
+    assert read_metrics(str(tmp_path))[-1]["train/nonfinite"] == 1.0
+
+
+def test_eval_and_plots_are_written(tmp_path) -> None:
+    cfg = tiny_config(tmp_path, train__steps=3, train__eval_every=2, train__plots=True)
+    summary = Trainer(cfg).fit()
+    evals = [r for r in read_metrics(str(tmp_path)) if "eval/v2t_R@1" in r]
+    assert [r["step"] for r in evals] == [2, 3]
+    for key in ("eval/v2t_R@5", "eval/t2v_median_rank", "eval/v2a_R@10", "eval/a2v_class_R@1", "eval/probe_acc",
+                "eval/auroc_conflict"):
+        assert key in summary, key
+    assert 0.0 <= summary["eval/auroc_conflict"] <= 1.0
+    names = sorted(os.path.basename(p) for p in summary["plots"])
+    assert names == ["conflict_hist.png", "kept_fraction.png", "losses.png", "retrieval.png"]
+    assert os.path.exists(os.path.join(str(tmp_path), "summary.json"))
