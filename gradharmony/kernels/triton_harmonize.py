@@ -90,9 +90,14 @@ if triton is not None:
         return tl.where(pos, tl.div_rn(num, tl.where(pos, den, 1.0)), 0.0)
 
     @triton.jit
-    def _tile_gram(g):
-        """(KP, KP, BLOCK) elementwise products of a (KP, BLOCK) float32 tile."""
-        return g[:, None, :] * g[None, :, :]
+    def _tile_gram(ga):
+        """(KP, KP, BLOCK) products ``g_i[d] g_j[d]`` of a (KP, 1, BLOCK) float32 tile.
+
+        The tile is loaded 3-D and transposed with ``tl.permute`` (a register relabeling):
+        building the operands from a 2-D tile with ``g[:, None, :]`` / ``g[None, :, :]``
+        makes the compiler route every tile through shared memory.
+        """
+        return ga * tl.permute(ga, (1, 0, 2))
 
     @triton.jit
     def _solve_sample(
@@ -209,21 +214,23 @@ if triton is not None:
         b = tl.program_id(0)
         b64 = b.to(tl.int64)
         rk = tl.arange(0, KP)
+        rk3 = rk[:, None, None]
         rd = tl.arange(0, BLOCK_D)
         g_base = G_ptr + b64 * K * D + rk[:, None].to(tl.int64) * D
+        g_base3 = G_ptr + b64 * K * D + rk3.to(tl.int64) * D
         if ATOMIC_SUM:
             o_base = out_ptr
         else:
             o_base = out_ptr + b64 * D
         if ONE_TILE:  # the whole sample in registers: G is read once
-            mask = (rk[:, None] < K) & (rd[None, :] < D)
-            g = tl.load(g_base + rd[None, :], mask=mask, other=0.0).to(tl.float32)
-            M = tl.sum(_tile_gram(g), axis=2)
+            offs3 = rd[None, None, :]
+            ga = tl.load(g_base3 + offs3, mask=(rk3 < K) & (offs3 < D), other=0.0).to(tl.float32)
+            M = tl.sum(_tile_gram(ga), axis=2)
             w = _solve_sample(
                 M, b, M_ptr, cos_ptr, w_ptr, phi_ptr, order_ptr, target_ptr, sw_ptr,
                 K, KP, METHOD, HAS_ORDER, HAS_SW,
             )
-            o = tl.sum(w[:, None] * g, axis=0)
+            o = tl.sum(tl.sum(w[:, None, None] * ga, axis=0), axis=0)
             if ATOMIC_SUM:
                 tl.atomic_add(o_base + rd, o, mask=rd < D)
             else:
@@ -231,10 +238,9 @@ if triton is not None:
         else:
             acc = tl.zeros([KP, KP, BLOCK_D], dtype=tl.float32)
             for d0 in range(0, D, BLOCK_D):
-                offs = d0 + rd
-                mask = (rk[:, None] < K) & (offs[None, :] < D)
-                g = tl.load(g_base + offs[None, :], mask=mask, other=0.0).to(tl.float32)
-                acc += _tile_gram(g)
+                offs3 = d0 + rd[None, None, :]
+                ga = tl.load(g_base3 + offs3, mask=(rk3 < K) & (offs3 < D), other=0.0)
+                acc += _tile_gram(ga.to(tl.float32))
             M = tl.sum(acc, axis=2)
             w = _solve_sample(
                 M, b, M_ptr, cos_ptr, w_ptr, phi_ptr, order_ptr, target_ptr, sw_ptr,
@@ -267,15 +273,15 @@ if triton is not None:
         b = pid // NC
         c = pid - b * NC
         rk = tl.arange(0, KP)
-        rd = tl.arange(0, BLOCK_D)
-        g_base = G_ptr + b.to(tl.int64) * K * D + rk[:, None].to(tl.int64) * D
+        rk3 = rk[:, None, None]
+        rd3 = tl.arange(0, BLOCK_D)[None, None, :]
+        g_base3 = G_ptr + b.to(tl.int64) * K * D + rk3.to(tl.int64) * D
         start = c.to(tl.int64) * (BLOCK_D * TILES)
         acc = tl.zeros([KP, KP, BLOCK_D], dtype=tl.float32)
         for t in range(TILES):
-            offs = start + t * BLOCK_D + rd
-            mask = (rk[:, None] < K) & (offs[None, :] < D)
-            g = tl.load(g_base + offs[None, :], mask=mask, other=0.0).to(tl.float32)
-            acc += _tile_gram(g)
+            offs3 = start + t * BLOCK_D + rd3
+            ga = tl.load(g_base3 + offs3, mask=(rk3 < K) & (offs3 < D), other=0.0)
+            acc += _tile_gram(ga.to(tl.float32))
         M = tl.sum(acc, axis=2)
         rows = rk[:, None]
         cols = rk[None, :]
@@ -301,18 +307,21 @@ if triton is not None:
         METHOD: tl.constexpr,
         HAS_ORDER: tl.constexpr,
         HAS_SW: tl.constexpr,
+        CB: tl.constexpr,
     ):
         """Program b: M_b = sum_c part[b, c] (fixed order), then the solve (METHOD -1:
         store M only)."""
         b = tl.program_id(0)
         rk = tl.arange(0, KP)
-        rows = rk[:, None]
-        cols = rk[None, :]
+        rc = tl.arange(0, CB)[:, None, None]
+        rows = rk[None, :, None]
+        cols = rk[None, None, :]
         kk = (rows < K) & (cols < K)
         base = part_ptr + b.to(tl.int64) * NC * K * K + rows * K + cols
-        M = tl.zeros([KP, KP], dtype=tl.float32)
-        for c in range(NC):
-            M += tl.load(base + c * K * K, mask=kk, other=0.0)
+        acc = tl.zeros([CB, KP, KP], dtype=tl.float32)
+        for c0 in range(0, NC, CB):  # CB partials per load, summed in a fixed order
+            acc += tl.load(base + (c0 + rc) * (K * K), mask=kk & (c0 + rc < NC), other=0.0)
+        M = tl.sum(acc, axis=0)
         _solve_sample(
             M, b, M_ptr, cos_ptr, w_ptr, phi_ptr, order_ptr, target_ptr, sw_ptr,
             K, KP, METHOD, HAS_ORDER, HAS_SW,
@@ -382,12 +391,17 @@ if triton is not None:
 # launchers
 # ----------------------------------------------------------------------------------------
 
-#: Elements of the (KP, KP, BLOCK_D) float32 Gram accumulator per program.
-_GRAM_ACC_ELEMS = 8192
+#: The small path keeps the whole sample in registers (G read once) when the padded
+#: (KP, next_pow2(D)) tile has at most this many elements.
+_ONE_TILE_ELEMS = 8192
+#: Test hook: every BLOCK_D becomes at most this, so the looping code runs on tiny D.
+_BLOCK_OVERRIDE: Optional[int] = None
 #: Elements each Gram / combine program streams per row (chunk of D).
 _CHUNK = 32768
-#: Aim for at least this many programs in the combine-sum grid (H100: 132 SMs).
+#: Aim for at least this many programs per streaming grid (H100: 132 SMs).
 _MIN_PROGRAMS = 512
+#: Partial Gram matrices the solve kernel loads per step.
+_CB = 16
 
 
 def _next_pow2(n: int) -> int:
@@ -398,17 +412,62 @@ def _kp(K: int) -> int:
     return max(2, _next_pow2(K))
 
 
-def _gram_block(KP: int) -> int:
-    return max(16, _GRAM_ACC_ELEMS // (KP * KP))
+def _fit(block: int, warps: int, D: int) -> tuple[int, int]:
+    """Shrink a (BLOCK_D, num_warps) config for short rows, keeping elements per thread."""
+    np2 = max(16, _next_pow2(D))
+    while block > np2:
+        block //= 2
+        warps = max(1, warps // 2)
+    return block, warps
 
 
-def _warps(block_elems: int) -> int:
-    """num_warps for a program handling ``block_elems`` float32 values per tile."""
-    if block_elems >= 8192:
-        return 8
-    if block_elems >= 1024:
-        return 4
-    return 2
+def _gram_cfg(KP: int, D: int, itemsize: int) -> tuple[int, int]:
+    """(BLOCK_D, num_warps) of a Gram tile loop.
+
+    Each thread owns ``e = BLOCK_D / (32 num_warps)`` consecutive elements of every row
+    (16-byte vector loads; e >= 8 for 2-byte dtypes, else the compiler relayouts the
+    tile through shared memory) and a ``KP * KP * e`` float32 accumulator: 32 registers
+    for KP = 2, 64 or 128 for KP = 4, 64 for KP = 8 (e = 1).
+    """
+    if _BLOCK_OVERRIDE:
+        return min(_BLOCK_OVERRIDE, max(16, _next_pow2(D))), 1
+    if KP == 2:
+        block, warps = 2048, 8  # e = 8
+    elif KP == 4:
+        block, warps = (512 if itemsize >= 4 else 1024), 4  # e = 4 / 8
+    else:
+        block, warps = 128, 4  # e = 1
+    return _fit(block, warps, D)
+
+
+def _combine_cfg(KP: int, D: int, itemsize: int) -> tuple[int, int]:
+    """(BLOCK_D, num_warps) of a combine tile: KP * BLOCK_D = 4096 values, 4 warps
+    (at least 8 elements per thread for 2-byte dtypes: 16-byte loads)."""
+    if _BLOCK_OVERRIDE:
+        return min(_BLOCK_OVERRIDE, max(16, _next_pow2(D))), 1
+    block = 4096 // KP if itemsize >= 4 else max(1024, 4096 // KP)
+    return _fit(block, 4, D)
+
+
+def _chunks(B: int, D: int, block: int, chunk: int) -> tuple[int, int]:
+    """(TILES, NC): each (sample, chunk) program streams TILES tiles of ``block``
+    (at most ``chunk`` elements per row), with chunks small enough for about
+    _MIN_PROGRAMS programs when B is small."""
+    tiles_per_row = triton.cdiv(D, block)
+    tiles = max(1, min(chunk // block, tiles_per_row, (B * tiles_per_row) // _MIN_PROGRAMS))
+    return tiles, triton.cdiv(D, block * tiles)
+
+
+def _small_cfg(KP: int, D: int, itemsize: int) -> tuple[int, bool, int]:
+    """(BLOCK_D, ONE_TILE, num_warps) of the one-launch kernel."""
+    np2 = max(16, _next_pow2(D))
+    if _BLOCK_OVERRIDE:
+        block = min(_BLOCK_OVERRIDE, np2)
+        return block, D <= block, 1
+    if KP * np2 <= _ONE_TILE_ELEMS:
+        return np2, True, max(1, min(8, np2 // 256))  # e = 8 (16 for D = 4096, K = 2)
+    block, warps = _gram_cfg(KP, D, itemsize)
+    return block, False, warps
 
 
 def _check_G(G: Tensor) -> None:
@@ -433,17 +492,15 @@ def gram_forward(G: Tensor) -> Tensor:
     if B == 0 or D == 0:
         return M
     KP = _kp(K)
-    BLOCK_D = min(_gram_block(KP), _next_pow2(D))
-    TILES = max(1, min(_CHUNK // BLOCK_D, triton.cdiv(D, BLOCK_D)))
-    NC = triton.cdiv(D, BLOCK_D * TILES)
+    BLOCK_D, nw = _gram_cfg(KP, D, G.element_size())
+    TILES, NC = _chunks(B, D, BLOCK_D, _CHUNK)
     part = torch.empty(B, NC, K, K, dtype=torch.float32, device=G.device)
-    nw = _warps(KP * KP * BLOCK_D)
     _gram_kernel[(B * NC,)](G, part, D, NC, K=K, KP=KP, BLOCK_D=BLOCK_D, TILES=TILES, num_warps=nw)
     if NC == 1:
         return part.view(B, K, K)
     _solve_kernel[(B,)](
         part, M, M, M, M, M, M, M, NC,
-        K=K, KP=KP, METHOD=_METHOD_NONE, HAS_ORDER=False, HAS_SW=False, num_warps=1,
+        K=K, KP=KP, METHOD=_METHOD_NONE, HAS_ORDER=False, HAS_SW=False, CB=_CB, num_warps=1,
     )
     return M
 
@@ -456,19 +513,17 @@ def _combine(G: Tensor, w: Tensor, reduction: str) -> Tensor:
         out = torch.empty(B, D, dtype=G.dtype, device=G.device)
         if B == 0 or D == 0:
             return out
-        BLOCK_D = min(max(16, 4096 // KP), _next_pow2(D))
-        TILES = max(1, min(_CHUNK // 2 // BLOCK_D, triton.cdiv(D, BLOCK_D)))
-        NC = triton.cdiv(D, BLOCK_D * TILES)
+        BLOCK_D, nw = _combine_cfg(KP, D, G.element_size())
+        TILES, NC = _chunks(B, D, BLOCK_D, _CHUNK // 2)
         _combine_kernel[(B * NC,)](
             G, w, out, B, D, NC, 1,
-            K=K, KP=KP, BLOCK_D=BLOCK_D, TILES=TILES, REDUCE_SUM=False,
-            num_warps=_warps(KP * BLOCK_D),
+            K=K, KP=KP, BLOCK_D=BLOCK_D, TILES=TILES, REDUCE_SUM=False, num_warps=nw,
         )
         return out
     if reduction == "sum":
         if B == 0 or D == 0:
             return torch.zeros(D, dtype=G.dtype, device=G.device)
-        BLOCK_D = min(max(16, 4096 // KP), _next_pow2(D))
+        BLOCK_D, nw = _combine_cfg(KP, D, G.element_size())
         NC = triton.cdiv(D, BLOCK_D)
         # split the samples when there are too few D tiles to fill the GPU
         S = max(1, min(B, _MIN_PROGRAMS // NC, triton.cdiv(B, 4)))
@@ -480,8 +535,7 @@ def _combine(G: Tensor, w: Tensor, reduction: str) -> Tensor:
             out = torch.empty(S, D, dtype=torch.float32, device=G.device)
         _combine_kernel[(NC * S,)](
             G, w, out, B, D, NC, B_PER,
-            K=K, KP=KP, BLOCK_D=BLOCK_D, TILES=1, REDUCE_SUM=True,
-            num_warps=_warps(KP * BLOCK_D),
+            K=K, KP=KP, BLOCK_D=BLOCK_D, TILES=1, REDUCE_SUM=True, num_warps=nw,
         )
         if S == 1:
             return out
@@ -579,8 +633,7 @@ def fused_forward(
     phi_arg = phi if phi is not None else dummy
 
     if _path(G, path) == "small":
-        BLOCK_D = min(_gram_block(KP), _next_pow2(D))
-        one_tile = D <= BLOCK_D
+        BLOCK_D, one_tile, nw = _small_cfg(KP, D, G.element_size())
         deterministic = torch.are_deterministic_algorithms_enabled()
         if reduction == "none":
             out = torch.empty(B, D, dtype=G.dtype, device=dev)
@@ -595,7 +648,7 @@ def fused_forward(
             G, out, M, cos, w, phi_arg, order_arg, target_arg, sw_arg, D,
             K=K, KP=KP, BLOCK_D=BLOCK_D, ONE_TILE=one_tile, METHOD=method,
             HAS_ORDER=has_order, HAS_SW=sample_weight is not None, ATOMIC_SUM=atomic,
-            num_warps=_warps(KP * KP * BLOCK_D),
+            num_warps=nw,
         )
         if reduction == "sum":
             if not atomic:
@@ -604,18 +657,16 @@ def fused_forward(
         return out, M, cos, w, phi
 
     # large: gram pass (partials) -> solve (grid B) -> combine pass
-    BLOCK_D = min(_gram_block(KP), _next_pow2(D))
-    TILES = max(1, min(_CHUNK // BLOCK_D, triton.cdiv(D, BLOCK_D)))
-    NC = triton.cdiv(D, BLOCK_D * TILES)
+    BLOCK_D, nw = _gram_cfg(KP, D, G.element_size())
+    TILES, NC = _chunks(B, D, BLOCK_D, _CHUNK)
     part = torch.empty(B, NC, K, K, **f32)
     _gram_kernel[(B * NC,)](
-        G, part, D, NC, K=K, KP=KP, BLOCK_D=BLOCK_D, TILES=TILES,
-        num_warps=_warps(KP * KP * BLOCK_D),
+        G, part, D, NC, K=K, KP=KP, BLOCK_D=BLOCK_D, TILES=TILES, num_warps=nw,
     )
     _solve_kernel[(B,)](
         part, M, cos, w, phi_arg, order_arg, target_arg, sw_arg, NC,
         K=K, KP=KP, METHOD=method, HAS_ORDER=has_order, HAS_SW=sample_weight is not None,
-        num_warps=1,
+        CB=_CB, num_warps=1,
     )
     out = _combine(G, w, reduction)
     return out, M, cos, w, phi
