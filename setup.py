@@ -90,7 +90,7 @@ def _extensions_and_cmdclass():
         os.environ["MAX_JOBS"] = str(max(1, min(8, os.cpu_count() or 1)))
 
     sources = [os.path.join("csrc", "ops.cpp"), os.path.join("csrc", "harmonize_cpu.cpp")]
-    cxx = ["-O3", "-fopenmp", "-std=c++17"]
+    cxx = ["-O3", "-fopenmp", "-std=c++17", "-ffp-contract=off"]
     with_cuda = bool(torch.version.cuda) and ce.CUDA_HOME is not None
     if force_cuda and not with_cuda:
         raise RuntimeError(

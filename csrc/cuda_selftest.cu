@@ -23,9 +23,9 @@ using namespace gradharmony::cuda;
     }                                                                                \
   } while (0)
 
-template <typename T> float host_to_float(T x) { return (float)x; }
-template <> float host_to_float<__half>(__half x) { return __half2float(x); }
-template <> float host_to_float<__nv_bfloat16>(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <typename T> double host_to_float(T x) { return (double)x; }
+template <> double host_to_float<__half>(__half x) { return __half2float(x); }
+template <> double host_to_float<__nv_bfloat16>(__nv_bfloat16 x) { return __bfloat162float(x); }
 template <typename T> T host_from_float(float x) { return (T)x; }
 template <> __half host_from_float<__half>(float x) { return __float2half(x); }
 template <> __nv_bfloat16 host_from_float<__nv_bfloat16>(float x) { return __float2bfloat16(x); }

@@ -189,7 +189,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_cud
           acc_ptr = acc.data_ptr<acc_t>();
         }
       }
-      const int64_t grid = sum ? std::min<int64_t>(B, 4 * num_sms()) : B;
+      // sum: a few samples per block (fewer D-sized atomic flushes), still >= one block per SM
+      const int64_t sms = num_sms();
+      const int64_t grid =
+          sum ? std::min<int64_t>({B, 4 * sms, std::max<int64_t>(sms, (B + 3) / 4)}) : B;
       const size_t smem = sum ? D * sizeof(acc_t) : 0;
       GH_DISPATCH_K(K, [&] {
         fused_small_kernel<cuda_t, acc_t, KC><<<grid, kThreads, smem, stream>>>(

@@ -164,7 +164,7 @@ fused_small_kernel(const scalar_t* __restrict__ G, int64_t B, int64_t D, int met
   __shared__ acc_t Ms[K * K];
   __shared__ acc_t Cs[K * K];
   __shared__ acc_t ws[K];
-  extern __shared__ unsigned char smem_raw[];
+  extern __shared__ __align__(16) unsigned char smem_raw[];
   acc_t* sacc = reinterpret_cast<acc_t*>(smem_raw);
   const bool sum = out_acc != nullptr;
   const bool vec = (D % N == 0) && (reinterpret_cast<uintptr_t>(G) % 16 == 0) &&
@@ -240,10 +240,16 @@ fused_small_kernel(const scalar_t* __restrict__ G, int64_t B, int64_t D, int met
       else
         out[b * D + d] = from_acc<scalar_t>(o);
     }
-    __syncthreads();  // red / pairs / Ms / Cs / ws are reused by the next sample
+    __syncthreads();  // red / pairs / Ms / Cs / ws (and sacc, read below) are reused
   }
-  if (sum) {
-    for (int64_t d = threadIdx.x; d < D; d += blockDim.x) atomicAdd(out_acc + d, sacc[d]);
+  if (sum && blockIdx.x < B) {
+    // blocks start at different offsets so that they do not queue on the same addresses
+    const int64_t rot = (blockIdx.x * (int64_t)kThreads) % (D > 0 ? D : 1);
+    for (int64_t i = threadIdx.x; i < D; i += blockDim.x) {
+      int64_t d = i + rot;
+      d = d >= D ? d - D : d;
+      atomicAdd(out_acc + d, sacc[d]);
+    }
   }
 }
 

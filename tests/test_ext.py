@@ -98,14 +98,19 @@ def check_fused(op_out, G, method, order, target, sw, reduction, info):
     # w acts through w_k g_k: compare it weighted by the row norms (scale- and rank-robust)
     nmax = norms.amax(1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
     sc = norms / nmax
+    # D == 1 (all gradients collinear): GradVac sees cosines of exactly +-1 up to rounding and
+    # sqrt(1 - phi^2) turns an eps difference into sqrt(eps); the rule itself is that sensitive.
+    ill = method == 2 and D == 1
+    tol_w = 1e2 * eps_a ** 0.5 if ill else 1e3 * eps_a
     _assert_2x("w*|g|", w.double().cpu() * sc.cpu(), ref[3].double().cpu() * sc.cpu(),
-               orc[3].double().cpu() * sc.cpu(), 1e3 * eps_a, info)
+               orc[3].double().cpu() * sc.cpu(), tol_w, info)
     if method == 2 and not (D == 1 and K >= 3):  # D == 1: phi after a full projection is ~0/0
         _assert_2x("phi", phi, ref[4], orc[4], 1e3 * eps_a, info)
     scale_out = torch.einsum("bk,bkd->bd", orc[3].abs(), G.double().abs())
     if reduction == "sum":
         scale_out = scale_out.sum(0)
-    _assert_2x("out", out, ref[0], orc[0], 4 * _eps(G.dtype) * scale_out.max().item() + 1e-300, info)
+    atol_out = (4 * _eps(G.dtype) + (K * tol_w if ill else 64 * eps_a)) * scale_out.max().item()
+    _assert_2x("out", out, ref[0], orc[0], atol_out + 1e-300, info)
 
 
 # ----------------------------------------------------------------------------- the table

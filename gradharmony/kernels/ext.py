@@ -94,7 +94,7 @@ def _jit_load() -> str:
     ce.load(
         name=name,
         sources=sources,
-        extra_cflags=["-O3", "-fopenmp", "-std=c++17"],
+        extra_cflags=["-O3", "-fopenmp", "-std=c++17", "-ffp-contract=off"],
         extra_ldflags=["-fopenmp"],
         extra_include_paths=[src],
         is_python_module=False,

@@ -1,0 +1,337 @@
+// CPU kernels of gradharmony (included by harmonize_cpu.cpp once per instruction set, inside
+// namespace gradharmony::GH_CPU_NS; GH_F16C selects the F16C half-precision conversions).
+// See harmonize_cpu.cpp for the design.
+// NOLINT(build/header_guard): deliberately included more than once.
+
+namespace GH_CPU_NS {
+
+
+
+// Row k of sample b restricted to [d0, d0 + n), as acc_t values (converted into buf if needed).
+template <typename scalar_t, typename acc_t>
+inline const acc_t* load_row(const scalar_t* row, int64_t n, acc_t* buf) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    (void)n;
+    (void)buf;
+    return row;
+  } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    const uint16_t* __restrict u = reinterpret_cast<const uint16_t*>(row);
+#pragma omp simd
+    for (int64_t d = 0; d < n; ++d) {
+      const uint32_t bits = static_cast<uint32_t>(u[d]) << 16;
+      float f;
+      std::memcpy(&f, &bits, sizeof f);
+      buf[d] = f;
+    }
+    return buf;
+  } else {
+#if GH_F16C
+    if constexpr (std::is_same_v<scalar_t, c10::Half>) {
+      const uint16_t* u = reinterpret_cast<const uint16_t*>(row);
+      int64_t d = 0;
+      for (; d + 8 <= n; d += 8)
+        _mm256_storeu_ps(buf + d, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(u + d))));
+      for (; d < n; ++d) buf[d] = static_cast<acc_t>(row[d]);
+      return buf;
+    }
+#endif
+#pragma omp simd
+    for (int64_t d = 0; d < n; ++d) buf[d] = static_cast<acc_t>(row[d]);
+    return buf;
+  }
+}
+
+// sum_d a[d] b[d] with kLanes independent partial sums (no loop-carried latency chain).
+constexpr int kLanes = 32;
+template <typename acc_t>
+inline acc_t dot_tile(const acc_t* __restrict a, const acc_t* __restrict b, int64_t n) {
+  acc_t s[kLanes] = {};
+  int64_t d = 0;
+  for (; d + kLanes <= n; d += kLanes) {
+#pragma omp simd
+    for (int l = 0; l < kLanes; ++l) s[l] += a[d + l] * b[d + l];
+  }
+  acc_t t = 0;
+  for (; d < n; ++d) t += a[d] * b[d];
+  for (int l = 0; l < kLanes; l += 2) t += s[l] + s[l + 1];
+  return t;
+}
+
+// Per-task scratch: K row tiles (acc_t) and one output tile.
+template <typename acc_t>
+struct Scratch {
+  std::vector<acc_t> rows, out;
+  std::vector<const acc_t*> ptr;
+  explicit Scratch(int64_t K) : rows(K * kTile), out(kTile), ptr(K) {}
+};
+
+// Load the K rows of sample Gb (K x D) at columns [d0, d0 + n) into s.ptr.
+template <typename scalar_t, typename acc_t>
+inline void load_tile(const scalar_t* Gb, int64_t K, int64_t D, int64_t d0, int64_t n,
+                      Scratch<acc_t>& s) {
+  for (int64_t k = 0; k < K; ++k)
+    s.ptr[k] = load_row<scalar_t, acc_t>(Gb + k * D + d0, n, s.rows.data() + k * kTile);
+}
+
+// Mpart (K*K, upper triangle + diagonal) += Gram matrix of the loaded tile.
+template <typename acc_t>
+inline void gram_tile(int64_t K, int64_t n, const Scratch<acc_t>& s, double* Mpart) {
+  for (int64_t k = 0; k < K; ++k)
+    for (int64_t l = k; l < K; ++l) Mpart[k * K + l] += dot_tile(s.ptr[k], s.ptr[l], n);
+}
+
+// s.out[0:n] = sum_k w_k row_k of the loaded tile.
+template <typename acc_t>
+inline void combine_tile(int64_t K, int64_t n, const acc_t* w, Scratch<acc_t>& s) {
+  acc_t* __restrict o = s.out.data();
+  const acc_t w0 = w[0];
+  const acc_t* __restrict r0 = s.ptr[0];
+#pragma omp simd
+  for (int64_t d = 0; d < n; ++d) o[d] = w0 * r0[d];
+  for (int64_t k = 1; k < K; ++k) {
+    const acc_t wk = w[k];
+    const acc_t* __restrict r = s.ptr[k];
+#pragma omp simd
+    for (int64_t d = 0; d < n; ++d) o[d] += wk * r[d];
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+inline void store_tile(const acc_t* __restrict src, int64_t n, scalar_t* __restrict dst) {
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    // round to nearest even, NaN -> quiet NaN (as c10::BFloat16)
+    uint16_t* __restrict u = reinterpret_cast<uint16_t*>(dst);
+#pragma omp simd
+    for (int64_t d = 0; d < n; ++d) {
+      uint32_t bits;
+      std::memcpy(&bits, &src[d], sizeof bits);
+      const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+      u[d] = src[d] != src[d] ? uint16_t(0x7FC0) : static_cast<uint16_t>(rounded);
+    }
+    return;
+  }
+#if GH_F16C
+  if constexpr (std::is_same_v<scalar_t, c10::Half>) {
+    uint16_t* u = reinterpret_cast<uint16_t*>(dst);
+    int64_t d = 0;
+    for (; d + 8 <= n; d += 8)
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(u + d),
+                       _mm256_cvtps_ph(_mm256_loadu_ps(src + d), _MM_FROUND_TO_NEAREST_INT));
+    for (; d < n; ++d) dst[d] = static_cast<scalar_t>(src[d]);
+    return;
+  }
+#endif
+#pragma omp simd
+  for (int64_t d = 0; d < n; ++d) dst[d] = static_cast<scalar_t>(src[d]);
+}
+
+template <typename acc_t>
+inline void add_tile(const acc_t* __restrict src, int64_t n, acc_t* __restrict dst, bool first) {
+  if (first) {
+#pragma omp simd
+    for (int64_t d = 0; d < n; ++d) dst[d] = src[d];
+  } else {
+#pragma omp simd
+    for (int64_t d = 0; d < n; ++d) dst[d] += src[d];
+  }
+}
+
+// Full upper-triangle double partial -> symmetric acc_t matrix.
+template <typename acc_t>
+inline void finish_gram(const double* Mpart, int64_t K, acc_t* M) {
+  for (int64_t k = 0; k < K; ++k)
+    for (int64_t l = k; l < K; ++l) {
+      const acc_t v = static_cast<acc_t>(Mpart[k * K + l]);
+      M[k * K + l] = v;
+      M[l * K + k] = v;
+    }
+}
+
+// Gram matrix of one sample over columns [d0, d1).
+template <typename scalar_t, typename acc_t>
+inline void gram_range(const scalar_t* Gb, int64_t K, int64_t D, int64_t d0, int64_t d1,
+                       Scratch<acc_t>& s, double* Mpart) {
+  for (int64_t a = d0; a < d1; a += kTile) {
+    const int64_t n = std::min(kTile, d1 - a);
+    load_tile(Gb, K, D, a, n, s);
+    gram_tile(K, n, s, Mpart);
+  }
+}
+
+inline int64_t num_tasks(int64_t work_items, int64_t total_elems) {
+  const int64_t by_size = std::max<int64_t>(1, total_elems / kGrainElems);
+  return std::max<int64_t>(1, std::min<int64_t>({work_items, (int64_t)at::get_num_threads(), by_size}));
+}
+
+// ---------------------------------------------------------------------------------- gram
+
+template <typename scalar_t>
+void gram_kernel(const at::Tensor& G, at::Tensor& M) {
+  using acc_t = acc_of<scalar_t>;
+  const int64_t B = G.size(0), K = G.size(1), D = G.size(2);
+  const scalar_t* g = G.data_ptr<scalar_t>();
+  acc_t* m = M.data_ptr<acc_t>();
+  const int64_t T = at::get_num_threads();
+  if (B >= T || K * D < kSplitDMin) {
+    const int64_t grain = std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, K * D));
+    at::parallel_for(0, B, grain, [&](int64_t b0, int64_t b1) {
+      Scratch<acc_t> s(K);
+      std::vector<double> part(K * K);
+      for (int64_t b = b0; b < b1; ++b) {
+        std::fill(part.begin(), part.end(), 0.0);
+        gram_range<scalar_t, acc_t>(g + b * K * D, K, D, 0, D, s, part.data());
+        finish_gram(part.data(), K, m + b * K * K);
+      }
+    });
+    return;
+  }
+  // Few samples, long rows: split D into tasks, each with its own partial Gram matrices.
+  const int64_t ntiles = (D + kTile - 1) / kTile;
+  const int64_t tasks = std::min<int64_t>(T, ntiles);
+  std::vector<double> part(tasks * B * K * K, 0.0);
+  at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
+    Scratch<acc_t> s(K);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t d0 = std::min(D, (ntiles * t / tasks) * kTile);
+      const int64_t d1 = std::min(D, (ntiles * (t + 1) / tasks) * kTile);
+      for (int64_t b = 0; b < B; ++b)
+        gram_range<scalar_t, acc_t>(g + b * K * D, K, D, d0, d1, s, part.data() + (t * B + b) * K * K);
+    }
+  });
+  std::vector<double> tot(K * K);
+  for (int64_t b = 0; b < B; ++b) {
+    std::fill(tot.begin(), tot.end(), 0.0);
+    for (int64_t t = 0; t < tasks; ++t)
+      for (int64_t i = 0; i < K * K; ++i) tot[i] += part[(t * B + b) * K * K + i];
+    finish_gram(tot.data(), K, m + b * K * K);
+  }
+}
+
+// ------------------------------------------------------------------------------- combine
+
+// out = w^T G with w (B, K) acc_t; reduction none -> out (B, D), sum -> out (D,). Parallel over
+// column blocks (and samples for "none"): G is read once.
+template <typename scalar_t>
+void combine_kernel(const at::Tensor& G, const at::Tensor& w, int64_t reduction, at::Tensor& out) {
+  using acc_t = acc_of<scalar_t>;
+  const int64_t B = G.size(0), K = G.size(1), D = G.size(2);
+  const scalar_t* g = G.data_ptr<scalar_t>();
+  const acc_t* wp = w.data_ptr<acc_t>();
+  scalar_t* o = out.data_ptr<scalar_t>();
+  if (B == 0 || D == 0) {
+    if (reduction == kReduceSum) out.zero_();
+    return;
+  }
+  const int64_t T = at::get_num_threads();
+  // column block: a multiple of 64, at most kTile, small enough to give every thread work
+  int64_t cb = (D + 4 * T - 1) / (4 * T);
+  cb = std::min<int64_t>(kTile, std::max<int64_t>(64, (cb + 63) / 64 * 64));
+  const int64_t nblk = (D + cb - 1) / cb;
+  if (reduction == kNone) {
+    const int64_t grain = std::max<int64_t>(1, kGrainElems / (K * cb));
+    at::parallel_for(0, B * nblk, grain, [&](int64_t i0, int64_t i1) {
+      Scratch<acc_t> s(K);
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t b = i / nblk, d0 = (i % nblk) * cb, n = std::min(cb, D - d0);
+        load_tile(g + b * K * D, K, D, d0, n, s);
+        combine_tile(K, n, wp + b * K, s);
+        store_tile(s.out.data(), n, o + b * D + d0);
+      }
+    });
+    return;
+  }
+  const int64_t grain = std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, B * K * cb));
+  at::parallel_for(0, nblk, grain, [&](int64_t j0, int64_t j1) {
+    Scratch<acc_t> s(K);
+    std::vector<acc_t> acc(cb);
+    for (int64_t j = j0; j < j1; ++j) {
+      const int64_t d0 = j * cb, n = std::min(cb, D - d0);
+      for (int64_t b = 0; b < B; ++b) {
+        load_tile(g + b * K * D, K, D, d0, n, s);
+        combine_tile(K, n, wp + b * K, s);
+        add_tile(s.out.data(), n, acc.data(), b == 0);
+      }
+      store_tile(acc.data(), n, o + d0);
+    }
+  });
+}
+
+// --------------------------------------------------------------------------------- fused
+
+template <typename scalar_t>
+void fused_kernel(const at::Tensor& G, int64_t method, const FusedInputs& in, int64_t reduction,
+                  at::Tensor& out, at::Tensor& M, at::Tensor& cos, at::Tensor& w,
+                  at::Tensor& phi) {
+  using acc_t = acc_of<scalar_t>;
+  const int64_t B = G.size(0), K = G.size(1), D = G.size(2);
+  const scalar_t* g = G.data_ptr<scalar_t>();
+  acc_t* mp = M.data_ptr<acc_t>();
+  acc_t* cp = cos.data_ptr<acc_t>();
+  acc_t* wp = w.data_ptr<acc_t>();
+  acc_t* pp = method == kGradVac ? phi.data_ptr<acc_t>() : nullptr;
+  const int64_t* op = in.order.defined() ? in.order.data_ptr<int64_t>() : nullptr;
+  const acc_t* tp = in.target.defined() ? in.target.data_ptr<acc_t>() : nullptr;
+  const acc_t* sp = in.sample_weight.defined() ? in.sample_weight.data_ptr<acc_t>() : nullptr;
+  scalar_t* o = out.data_ptr<scalar_t>();
+  const int Ki = static_cast<int>(K);
+
+  auto solve_b = [&](int64_t b) {
+    solve_sample<acc_t>(mp + b * K * K, Ki, static_cast<int>(method), op ? op + b * K * K : nullptr,
+                        tp, sp ? sp[b] : acc_t(1), cp + b * K * K, wp + b * K,
+                        pp ? pp + b * K * K : nullptr);
+  };
+
+  const int64_t T = at::get_num_threads();
+  if (B < T && K * D >= kSplitDMin) {
+    // Few samples, long rows: gram split over D, solve, combine split over D (G read twice).
+    gram_kernel<scalar_t>(G, M);
+    for (int64_t b = 0; b < B; ++b) solve_b(b);
+    combine_kernel<scalar_t>(G, w, reduction, out);
+    return;
+  }
+  if (B == 0) {
+    if (reduction == kReduceSum) out.zero_();
+    return;
+  }
+
+  // One pass: per sample gram -> solve -> combine while G_b is in cache.
+  const int64_t tasks = num_tasks(B, B * K * D);
+  const bool sum = reduction == kReduceSum;
+  std::vector<acc_t> partial(sum ? tasks * D : 0);
+  at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
+    Scratch<acc_t> s(K);
+    std::vector<double> part(K * K);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b0 = B * t / tasks, b1 = B * (t + 1) / tasks;
+      for (int64_t b = b0; b < b1; ++b) {
+        const scalar_t* Gb = g + b * K * D;
+        std::fill(part.begin(), part.end(), 0.0);
+        const bool one_tile = D <= kTile;
+        gram_range<scalar_t, acc_t>(Gb, K, D, 0, D, s, part.data());
+        finish_gram(part.data(), K, mp + b * K * K);
+        solve_b(b);
+        for (int64_t d0 = 0; d0 < D; d0 += kTile) {
+          const int64_t n = std::min(kTile, D - d0);
+          if (!one_tile) load_tile(Gb, K, D, d0, n, s);  // a single tile is still loaded
+          combine_tile(K, n, wp + b * K, s);
+          if (sum)
+            add_tile(s.out.data(), n, partial.data() + t * D + d0, b == b0);
+          else
+            store_tile(s.out.data(), n, o + b * D + d0);
+        }
+      }
+    }
+  });
+  if (sum) {
+    const int64_t grain = std::max<int64_t>(64, kGrainElems / tasks);
+    at::parallel_for(0, D, grain, [&](int64_t d0, int64_t d1) {
+      for (int64_t d = d0; d < d1; ++d) {
+        acc_t v = partial[d];
+        for (int64_t t = 1; t < tasks; ++t) v += partial[t * D + d];
+        o[d] = static_cast<scalar_t>(v);
+      }
+    });
+  }
+}
+
+}  // namespace GH_CPU_NS
