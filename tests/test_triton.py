@@ -100,6 +100,7 @@ def tiny_blocks(monkeypatch):
     monkeypatch.setattr(th, "_BLOCK_OVERRIDE", 16)  # BLOCK_D = 16 everywhere
     monkeypatch.setattr(th, "_CHUNK", 48)  # several Gram / combine chunks per row
     monkeypatch.setattr(th, "_MIN_PROGRAMS", 8)
+    monkeypatch.setattr(th, "_MIN_SUM_PROGRAMS", 2)  # several samples per program
 
 
 # (K, D) table; B cycles over {1, 3, 5}; path alternates small / large
@@ -207,6 +208,16 @@ def test_all_zero_and_parallel_rows(path, tiny_blocks):
                 a, e = a[:1], e[:1]
             # out cancels (g - 2g + ...): its error is relative to the sum of magnitudes
             _assert_close(a, e, 1e-5, name, tag, atol=1e-6, scale=mag if name == "out" else None)
+
+
+@pytest.mark.parametrize("B", [5, 7])
+def test_small_sum_several_samples_per_program(B, monkeypatch):
+    """reduction "sum" on the one-tile small path: 2 or 3 samples per program, the last
+    program partly empty."""
+    monkeypatch.setattr(th, "_MIN_SUM_PROGRAMS", 2)
+    inp = Inputs(B, 3, 100)
+    for method in (0, 1, 2):
+        _check_fused(inp, method, "small", "sum")
 
 
 def test_sum_deterministic_mode(tiny_blocks):

@@ -199,6 +199,7 @@ if triton is not None:
         order_ptr,
         target_ptr,
         sw_ptr,
+        B,
         D,
         K: tl.constexpr,
         KP: tl.constexpr,
@@ -208,9 +209,13 @@ if triton is not None:
         HAS_ORDER: tl.constexpr,
         HAS_SW: tl.constexpr,
         ATOMIC_SUM: tl.constexpr,
+        SPP: tl.constexpr,
     ):
-        """One program per sample: Gram, solve, combine. ``out`` is (B, D) (G's dtype or
-        float32) or, with ATOMIC_SUM, a zeroed float32 (D,) accumulated atomically."""
+        """Gram, solve and combine of one sample per program (SPP samples when ONE_TILE).
+
+        ``out`` is (B, D) (G's dtype, or float32 rows to be summed) or, with ATOMIC_SUM, a
+        zeroed float32 (D,) that each program adds its samples' sum to (one atomic add per
+        element and program)."""
         b = tl.program_id(0)
         b64 = b.to(tl.int64)
         rk = tl.arange(0, KP)
@@ -224,17 +229,26 @@ if triton is not None:
             o_base = out_ptr + b64 * D
         if ONE_TILE:  # the whole sample in registers: G is read once
             offs3 = rd[None, None, :]
-            ga = tl.load(g_base3 + offs3, mask=(rk3 < K) & (offs3 < D), other=0.0).to(tl.float32)
-            M = tl.sum(_tile_gram(ga), axis=2)
-            w = _solve_sample(
-                M, b, M_ptr, cos_ptr, w_ptr, phi_ptr, order_ptr, target_ptr, sw_ptr,
-                K, KP, METHOD, HAS_ORDER, HAS_SW,
-            )
-            o = tl.sum(tl.sum(w[:, None, None] * ga, axis=0), axis=0)
+            mask3 = (rk3 < K) & (offs3 < D)
+            roff3 = rk3.to(tl.int64) * D + offs3
+            o_sum = tl.zeros([BLOCK_D], dtype=tl.float32)
+            for i in range(SPP):
+                bi = b * SPP + i
+                if bi < B:
+                    bi64 = bi.to(tl.int64)
+                    ga = tl.load(G_ptr + bi64 * K * D + roff3, mask=mask3, other=0.0).to(tl.float32)
+                    M = tl.sum(_tile_gram(ga), axis=2)
+                    w = _solve_sample(
+                        M, bi, M_ptr, cos_ptr, w_ptr, phi_ptr, order_ptr, target_ptr, sw_ptr,
+                        K, KP, METHOD, HAS_ORDER, HAS_SW,
+                    )
+                    o = tl.sum(tl.sum(w[:, None, None] * ga, axis=0), axis=0)
+                    if ATOMIC_SUM:
+                        o_sum += o
+                    else:
+                        tl.store(out_ptr + bi64 * D + rd, o.to(out_ptr.dtype.element_ty), mask=rd < D)
             if ATOMIC_SUM:
-                tl.atomic_add(o_base + rd, o, mask=rd < D)
-            else:
-                tl.store(o_base + rd, o.to(out_ptr.dtype.element_ty), mask=rd < D)
+                tl.atomic_add(out_ptr + rd, o_sum, mask=rd < D)
         else:
             acc = tl.zeros([KP, KP, BLOCK_D], dtype=tl.float32)
             for d0 in range(0, D, BLOCK_D):
@@ -402,6 +416,10 @@ _CHUNK = 32768
 _MIN_PROGRAMS = 512
 #: Partial Gram matrices the solve kernel loads per step.
 _CB = 16
+#: Small path, reduction "sum": samples per program (at most _MAX_SPP) so that about
+#: _MIN_SUM_PROGRAMS programs each make one atomic add per element.
+_MIN_SUM_PROGRAMS = 264
+_MAX_SPP = 8
 
 
 def _next_pow2(n: int) -> int:
@@ -644,10 +662,12 @@ def fused_forward(
         else:
             out = torch.zeros(D, **f32)
             atomic = True
-        _fused_small_kernel[(B,)](
-            G, out, M, cos, w, phi_arg, order_arg, target_arg, sw_arg, D,
+        # atomic sum of whole-sample tiles: several samples per program, fewer atomics
+        spp = max(1, min(_MAX_SPP, B // _MIN_SUM_PROGRAMS)) if (atomic and one_tile) else 1
+        _fused_small_kernel[(triton.cdiv(B, spp),)](
+            G, out, M, cos, w, phi_arg, order_arg, target_arg, sw_arg, B, D,
             K=K, KP=KP, BLOCK_D=BLOCK_D, ONE_TILE=one_tile, METHOD=method,
-            HAS_ORDER=has_order, HAS_SW=sample_weight is not None, ATOMIC_SUM=atomic,
+            HAS_ORDER=has_order, HAS_SW=sample_weight is not None, ATOMIC_SUM=atomic, SPP=spp,
             num_warps=nw,
         )
         if reduction == "sum":
