@@ -27,7 +27,7 @@ FLAG_KEYS: dict[str, str] = {
     "curriculum_mode": "harmony.curriculum_mode", "curriculum_start": "harmony.curriculum_start",
     "curriculum_end": "harmony.curriculum_end", "data": "data.manifest", "eval_data": "data.eval_manifest",
     "misaligned_fraction": "data.misaligned_fraction", "backbone": "model.backbone",
-    "drop_token": "model.drop_token",
+    "drop_token": "model.drop_token", "threads": "train.threads",
 }
 
 
@@ -60,6 +60,7 @@ def _parser() -> argparse.ArgumentParser:
     a("--resume", help="'latest' (highest step in <out>/checkpoints) or a checkpoint path")
     a("--stop-after", help="stop (with a checkpoint) after this many steps in this session")
     a("--device", help="cpu, cuda, cuda:N or auto")
+    a("--threads", help="torch CPU threads per process (0 = torch default; tiny preset: 1)")
     a("--log-every", help="steps between metrics records")
     a("--eval-every", help="steps between evaluations (0 = only at the end)")
     a("--ckpt-every", help="steps between checkpoints")
@@ -133,6 +134,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _run(cfg: Config, overwrite: bool = False) -> int:
+    import gc
+
     from .distributed import cleanup, init_distributed
     from .trainer import Trainer
 
@@ -140,6 +143,7 @@ def _run(cfg: Config, overwrite: bool = False) -> int:
         ctx = init_distributed(cfg.train.device)
     except RuntimeError as e:
         raise ConfigError(str(e)) from None
+    trainer = None
     try:
         trainer = Trainer(cfg, ctx, overwrite=overwrite)
         summary = trainer.fit()
@@ -148,4 +152,6 @@ def _run(cfg: Config, overwrite: bool = False) -> int:
             print(f"[{PROG}] run folder: {trainer.run_dir}")
         return 1 if summary["status"] == "nonfinite" else 0
     finally:
+        del trainer  # the DDP wrapper must go before its process group
+        gc.collect()
         cleanup(ctx)

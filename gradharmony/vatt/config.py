@@ -110,6 +110,7 @@ class TrainConfig:
     grad_clip: Optional[float] = None
     seed: int = 0
     device: str = "cpu"
+    threads: int = 0  # torch CPU threads per process; 0 = torch's default
     out: Optional[str] = None  # run folder; None = runs/vatt-<preset>-<UTC time>
     resume: Optional[str] = None  # "latest" or a checkpoint path
     log_every: int = 10
@@ -155,7 +156,7 @@ class Config:
 
 PRESETS: dict[str, dict[str, Any]] = {
     # trains in minutes on 2 CPU cores, on the embedded digits data
-    "tiny": {},
+    "tiny": {"train": {"threads": 1}},
     # a bigger CPU/GPU model, still on small clips
     "small": {
         "model": {"d_model": 256, "depth": 4, "heads": 4, "mlp_ratio": 4.0, "video_patch": (4, 16, 16),
@@ -350,6 +351,7 @@ def _validate(cfg: Config) -> None:
     _check(t.keep_checkpoints >= 1, "train.keep_checkpoints", f"must be >= 1, got {t.keep_checkpoints}")
     _check(t.stop_after is None or t.stop_after >= 1, "train.stop_after", f"must be >= 1, got {t.stop_after}")
     _check(t.grad_clip is None or t.grad_clip > 0, "train.grad_clip", f"must be > 0, got {t.grad_clip}")
+    _check(t.threads >= 0, "train.threads", f"must be >= 0, got {t.threads}")
     _check(t.eval_batch_size >= 1, "train.eval_batch_size", "must be >= 1")
     _check(t.device == "cpu" or t.device.startswith("cuda") or t.device == "auto", "train.device",
            f"must be cpu, cuda, cuda:N or auto, got {t.device!r}")

@@ -7,10 +7,13 @@
 * contrastive negatives are all-gathered with gradients (:func:`gather_features`);
 * every rank draws its DropToken noise from ``seed + rank``; the model is initialised from ``seed``
   on every rank (and DDP broadcasts rank 0's weights anyway);
+* the curriculum decides on the *global* batch: ``gh.ConflictCurriculum`` (``sync=True``)
+  all-gathers the per-sample scores for the ``fraction`` quantile and all-reduces the weight sum
+  for the normalisation, so a DDP step keeps the same clips as one process would;
 * logged statistics (losses, conflict fraction, kept fraction) are averaged over ranks, the
-  per-sample conflict scores are all-gathered with their clip indices for the AUROC; the
-  curriculum itself decides on each rank's local batch (a ``fraction`` schedule keeps that
-  fraction of every rank's slice);
+  per-sample conflict scores are all-gathered with their clip indices for the AUROC;
+* ``harmony.level="parameter"`` is single-process only (its per-sample backward passes do not
+  go through DDP's gradient reduction);
 * only rank 0 logs, evaluates, plots and writes checkpoints.
 """
 from __future__ import annotations
@@ -94,5 +97,7 @@ def barrier(ctx: DistContext) -> None:
 
 
 def cleanup(ctx: DistContext) -> None:
+    """Wait for every rank, then leave the process group."""
     if ctx.distributed and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()

@@ -44,10 +44,15 @@ def encode_dataset(model: nn.Module, dataset: ClipDataset, batch_size: int, devi
 
 def retrieval_metrics(query: np.ndarray, gallery: np.ndarray, labels: Optional[np.ndarray] = None,
                       prefix: str = "") -> dict[str, float]:
-    """Query i's match is gallery i. query, gallery: (N, D) normalised. R@k in [0, 1], median rank."""
+    """Query i's match is gallery i. query, gallery: (N, D) normalised. R@k in [0, 1], median rank.
+
+    Ties (identical gallery items, e.g. two clips with the same narration) count half, the
+    expected rank under random tie-breaking.
+    """
     sim = query @ gallery.T
     n = sim.shape[0]
-    ranks = (sim > sim[np.arange(n), np.arange(n)][:, None]).sum(1) + 1
+    pos = sim[np.arange(n), np.arange(n)][:, None]
+    ranks = 1 + (sim > pos).sum(1) + 0.5 * ((sim == pos).sum(1) - 1)
     out = {f"{prefix}R@{k}": float((ranks <= k).mean()) for k in (1, 5, 10)}
     out[f"{prefix}median_rank"] = float(np.median(ranks))
     if labels is not None and (labels >= 0).all():

@@ -175,6 +175,8 @@ class Trainer:
             raise ConfigError(f"train.batch_size: {cfg.train.batch_size} is not divisible by the world size "
                               f"{self.ctx.world_size}")
         self.device = self.ctx.device
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
         self.train_set, self.eval_set, self.probe_set = datasets or build_datasets(cfg)
         self.model = self._build_model()
         self.optimizer = torch.optim.Adam(self.raw_model.parameters(), lr=cfg.train.lr,
@@ -249,8 +251,9 @@ class Trainer:
         l_va, l_vt = self.compute_losses(out, batch["text_mask"])
         loss = 0.5 * (l_va.mean() + l_vt.mean())
         self._check_finite(loss)
-        if self.hopt is not None:
-            self.hopt.backward([0.5 * l_va, 0.5 * l_vt])
+        if self.hopt is not None:  # per-sample terms of the same mean loss: sum_b (l_va_b + l_vt_b) / 2B
+            n = l_va.shape[0]
+            self.hopt.backward([0.5 * l_va / n, 0.5 * l_vt / n])
         else:
             loss.backward()
         stats = self._last_stats()
@@ -483,7 +486,7 @@ class Trainer:
         self.state.last_checkpoint = path
         if self.ctx.world_size == ck.get("world_size", 1):
             restore_rng(ck["rng"])
-        if self.ctx.rank:
+        if self.ctx.rank:  # only rank 0's RNG is saved: other ranks re-seed deterministically
             torch.manual_seed(self.cfg.train.seed + self.ctx.rank + 7919 * self.state.step)
 
 
