@@ -251,5 +251,26 @@ class HarmonizedOptimizer:
         self.last_stats = conflict_stats(cos, s_w, raw,
                                          self.curriculum.threshold if self.curriculum is not None else None)
         w = w.detach()
+        if self.nonfinite in ("skip", "zero") and not bool(finite.all()):
+            # Backpropagating a zero weight through a non-finite term still gives NaN
+            # (0 * inf): combine the per-sample gradients chunk by chunk instead.
+            self._accumulate(params, self._combine_chunks(losses, params, w, finite))
+            return
         total = sum((w[:, k].to(l.dtype) * l).sum() for k, l in enumerate(losses))
         self._scale(total).backward(retain_graph=retain_graph)
+
+    def _combine_chunks(self, losses: Sequence[Tensor], params: list[Tensor], w: Tensor,
+                        finite: Tensor) -> Tensor:
+        """sum_b w_b^T G_b from recomputed per-sample gradients, non-finite entries zeroed."""
+        B = losses[0].shape[0]
+        flat: Optional[Tensor] = None
+        for s in range(0, B, self.chunk_size):
+            rows = torch.arange(s, min(B, s + self.chunk_size), device=losses[0].device)
+            Gc = torch.stack([self._per_sample_grads(l, params, rows) for l in losses], dim=1)
+            Gc = torch.nan_to_num_(Gc, nan=0.0, posinf=0.0, neginf=0.0)
+            if self.nonfinite == "skip":
+                Gc[~finite[rows]] = 0
+            part = reference.combine(Gc, w[rows], "sum")
+            flat = part if flat is None else flat + part
+        assert flat is not None
+        return flat

@@ -211,7 +211,8 @@ def gram_pass(G: Tensor, *, backend: str = "auto", nonfinite: str = "raise") -> 
     Returns:
         ``(M, M_solve, finite)``: the true Gram (B, K, K) (may hold inf/0 where it does not
         fit the dtype), the Gram to solve on (rescaled per sample where needed; rules are
-        invariant to that scale), and a (B,) bool mask of samples whose gradients are finite.
+        invariant to that scale; with ``nonfinite="zero"`` computed with the non-finite entries
+        zeroed), and a (B,) bool mask of samples whose gradients are finite.
     """
     if nonfinite not in NONFINITE_POLICIES:
         raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
@@ -226,10 +227,9 @@ def gram_pass(G: Tensor, *, backend: str = "auto", nonfinite: str = "raise") -> 
         if not bool(finite_rows.all()):
             if nonfinite == "raise":
                 raise NonFiniteGradientError(_first_nonfinite(G, idx, finite_rows))
+            finite[idx[~finite_rows.all(-1)]] = False
             if nonfinite == "zero":
                 Gi = torch.nan_to_num(Gi, nan=0.0, posinf=0.0, neginf=0.0)
-            else:
-                finite[idx[~finite_rows.all(-1)]] = False
         M, M_solve = M.clone(), M.clone()
         M[idx] = reference.gram(Gi.to(torch.float64)).to(M.dtype)
         M_solve[idx] = _scaled_gram(Gi).to(M.dtype)
