@@ -80,20 +80,30 @@ inline void gram_tile(int64_t K, int64_t n, const Scratch<acc_t>& s, double* Mpa
     for (int64_t l = k; l < K; ++l) Mpart[k * K + l] += dot_tile(s.ptr[k], s.ptr[l], n);
 }
 
-// s.out[0:n] = sum_k w_k row_k of the loaded tile.
+// o[0:n] (+)= sum_k w_k row_k of the loaded tile: overwrite when first, else accumulate.
 template <typename acc_t>
-inline void combine_tile(int64_t K, int64_t n, const acc_t* w, Scratch<acc_t>& s) {
-  acc_t* __restrict o = s.out.data();
-  const acc_t w0 = w[0];
-  const acc_t* __restrict r0 = s.ptr[0];
+inline void combine_acc_tile(int64_t K, int64_t n, const acc_t* w, const Scratch<acc_t>& s,
+                             acc_t* __restrict o, bool first) {
+  int64_t k0 = 0;
+  if (first) {
+    const acc_t w0 = w[0];
+    const acc_t* __restrict r0 = s.ptr[0];
 #pragma omp simd
-  for (int64_t d = 0; d < n; ++d) o[d] = w0 * r0[d];
-  for (int64_t k = 1; k < K; ++k) {
+    for (int64_t d = 0; d < n; ++d) o[d] = w0 * r0[d];
+    k0 = 1;
+  }
+  for (int64_t k = k0; k < K; ++k) {
     const acc_t wk = w[k];
     const acc_t* __restrict r = s.ptr[k];
 #pragma omp simd
     for (int64_t d = 0; d < n; ++d) o[d] += wk * r[d];
   }
+}
+
+template <typename acc_t>
+inline void combine_tile(int64_t K, int64_t n, const acc_t* w, const Scratch<acc_t>& s,
+                         acc_t* __restrict o) {
+  combine_acc_tile(K, n, w, s, o, true);
 }
 
 template <typename scalar_t, typename acc_t>
@@ -125,14 +135,15 @@ inline void store_tile(const acc_t* __restrict src, int64_t n, scalar_t* __restr
   for (int64_t d = 0; d < n; ++d) dst[d] = static_cast<scalar_t>(src[d]);
 }
 
-template <typename acc_t>
-inline void add_tile(const acc_t* __restrict src, int64_t n, acc_t* __restrict dst, bool first) {
-  if (first) {
-#pragma omp simd
-    for (int64_t d = 0; d < n; ++d) dst[d] = src[d];
+// dst[0:n] = sum_k w_k row_k of the loaded tile, written straight into dst when it has the
+// accumulation type, else through s.out.
+template <typename scalar_t, typename acc_t>
+inline void combine_into(int64_t K, int64_t n, const acc_t* w, Scratch<acc_t>& s, scalar_t* dst) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    combine_tile(K, n, w, s, dst);
   } else {
-#pragma omp simd
-    for (int64_t d = 0; d < n; ++d) dst[d] += src[d];
+    combine_tile(K, n, w, s, s.out.data());
+    store_tile(s.out.data(), n, dst);
   }
 }
 
@@ -234,24 +245,35 @@ void combine_kernel(const at::Tensor& G, const at::Tensor& w, int64_t reduction,
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t b = i / nblk, d0 = (i % nblk) * cb, n = std::min(cb, D - d0);
         load_tile(g + b * K * D, K, D, d0, n, s);
-        combine_tile(K, n, wp + b * K, s);
-        store_tile(s.out.data(), n, o + b * D + d0);
+        combine_into(K, n, wp + b * K, s, o + b * D + d0);
       }
     });
     return;
   }
-  const int64_t grain = std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, B * K * cb));
-  at::parallel_for(0, nblk, grain, [&](int64_t j0, int64_t j1) {
+  // sum: column blocks of up to kSumBlock columns (long streams per row), each summed over all
+  // samples in a block-sized accumulator; G is read once, no atomics, no D-sized buffers.
+  int64_t sb = (D + 2 * T - 1) / (2 * T);
+  sb = std::min<int64_t>(kSumBlock, std::max<int64_t>(64, (sb + 63) / 64 * 64));
+  const int64_t nsb = (D + sb - 1) / sb;
+  at::parallel_for(0, nsb, 1, [&](int64_t j0, int64_t j1) {
     Scratch<acc_t> s(K);
-    std::vector<acc_t> acc(cb);
+    std::vector<acc_t> acc_buf(std::is_same_v<scalar_t, acc_t> ? 0 : sb);
     for (int64_t j = j0; j < j1; ++j) {
-      const int64_t d0 = j * cb, n = std::min(cb, D - d0);
-      for (int64_t b = 0; b < B; ++b) {
-        load_tile(g + b * K * D, K, D, d0, n, s);
-        combine_tile(K, n, wp + b * K, s);
-        add_tile(s.out.data(), n, acc.data(), b == 0);
+      const int64_t d0 = j * sb, n = std::min(sb, D - d0);
+      acc_t* acc = nullptr;
+      if constexpr (std::is_same_v<scalar_t, acc_t>) {
+        acc = o + d0;  // accumulate in the output itself
+      } else {
+        acc = acc_buf.data();
       }
-      store_tile(acc.data(), n, o + d0);
+      for (int64_t b = 0; b < B; ++b) {
+        for (int64_t a = 0; a < n; a += kTile) {
+          const int64_t m = std::min(kTile, n - a);
+          load_tile(g + b * K * D, K, D, d0 + a, m, s);
+          combine_acc_tile(K, m, wp + b * K, s, acc + a, b == 0);
+        }
+      }
+      if constexpr (!std::is_same_v<scalar_t, acc_t>) store_tile(acc, n, o + d0);
     }
   });
 }
@@ -297,7 +319,11 @@ void fused_kernel(const at::Tensor& G, int64_t method, const FusedInputs& in, in
   // One pass: per sample gram -> solve -> combine while G_b is in cache.
   const int64_t tasks = num_tasks(B, B * K * D);
   const bool sum = reduction == kReduceSum;
-  std::vector<acc_t> partial(sum ? tasks * D : 0);
+  // reduction sum: one D-sized partial per task (the output itself for one float/double task)
+  constexpr bool same = std::is_same_v<scalar_t, acc_t>;
+  const bool direct = sum && same && tasks == 1;
+  std::vector<acc_t> partial(sum && !direct ? tasks * D : 0);
+  acc_t* pbase = direct ? reinterpret_cast<acc_t*>(o) : partial.data();
   at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
     Scratch<acc_t> s(K);
     std::vector<double> part(K * K);
@@ -313,16 +339,16 @@ void fused_kernel(const at::Tensor& G, int64_t method, const FusedInputs& in, in
         for (int64_t d0 = 0; d0 < D; d0 += kTile) {
           const int64_t n = std::min(kTile, D - d0);
           if (!one_tile) load_tile(Gb, K, D, d0, n, s);  // a single tile is still loaded
-          combine_tile(K, n, wp + b * K, s);
-          if (sum)
-            add_tile(s.out.data(), n, partial.data() + t * D + d0, b == b0);
-          else
-            store_tile(s.out.data(), n, o + b * D + d0);
+          if (sum) {
+            combine_acc_tile(K, n, wp + b * K, s, pbase + t * D + d0, b == b0);
+          } else {
+            combine_into(K, n, wp + b * K, s, o + b * D + d0);
+          }
         }
       }
     }
   });
-  if (sum) {
+  if (sum && !direct) {
     const int64_t grain = std::max<int64_t>(64, kGrainElems / tasks);
     at::parallel_for(0, D, grain, [&](int64_t d0, int64_t d1) {
       for (int64_t d = d0; d < d1; ++d) {
