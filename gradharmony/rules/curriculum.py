@@ -143,6 +143,8 @@ class ConflictCurriculum:
         all_scores = _gather(score) if dist_on else score
         n = all_scores.numel()
         if n == 0:
+            # no threshold for an empty batch (do not report the previous call's)
+            self._last_threshold_t, self.last_threshold = None, None
             return score.new_zeros(0)
         v = self.value()
         if self.schedule == "fraction":

@@ -178,3 +178,12 @@ def test_stats_histogram_edges():
     assert st.conflict_fraction == 0.5 and st.kept_fraction == 1.0
     empty = gh.conflict_stats(torch.zeros(0, 2, 2))
     assert empty.conflict_fraction == 0.0 and "cos_mean" not in empty.to_dict()
+
+
+def test_empty_batch_reports_no_stale_threshold(gen):
+    cur = gh.ConflictCurriculum(start=0.5)
+    gh.harmonize(torch.randn(6, 2, 5, generator=gen), "pcgrad", curriculum=cur, backend="torch")
+    assert cur.threshold is not None
+    res = gh.harmonize(torch.zeros(0, 2, 5), "pcgrad", curriculum=cur, backend="torch")
+    assert res.threshold is None and "threshold" not in res.stats.to_dict()
+    assert res.grad.shape == (0, 5) and res.stats.kept_fraction == 0.0

@@ -177,3 +177,14 @@ def test_nonfinite_propagate(method, gen):
     assert not torch.isfinite(res.grad[2]).all(), "the non-finite sample must stay non-finite"
     res_sum = runner(method, "sum", nonfinite="propagate")(Gb)
     assert not torch.isfinite(res_sum.grad).all(), "propagate must reach the summed gradient (GradScaler)"
+
+
+def test_trailing_dims_are_flattened(gen):
+    G = torch.randn(4, 3, 2, 5, generator=gen, dtype=F64)
+    a = gh.harmonize(G, "pcgrad", order="fixed", backend="torch")
+    b = gh.harmonize(G.reshape(4, 3, 10), "pcgrad", order="fixed", backend="torch")
+    c = gh.harmonize([G[:, k] for k in range(3)], "pcgrad", order="fixed", backend="torch")
+    assert torch.equal(a.grad, b.grad) and torch.equal(a.grad, c.grad) and a.grad.shape == (4, 10)
+    nc = torch.randn(4, 5, 3, generator=gen, dtype=F64).transpose(1, 2)  # non-contiguous (4, 3, 5)
+    torch.testing.assert_close(gh.harmonize(nc, "pcgrad", order="fixed", backend="torch").grad,
+                               gh.harmonize(nc.contiguous(), "pcgrad", order="fixed", backend="torch").grad)
