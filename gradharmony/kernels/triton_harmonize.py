@@ -138,13 +138,13 @@ if triton is not None:
         w = tl.where(rk < K, 1.0, 0.0)
         if METHOD == 1:  # PCGrad: g'_i visits g_j in order[b, i]; projects when g'_i . g_j < 0
             w = tl.zeros([KP], dtype=tl.float32)
-            for i in tl.static_range(K):
+            for i in range(K):
                 ci = tl.where(rk == i, 1.0, 0.0)  # coefficients of g'_i
-                for t in tl.static_range(K):
+                for t in range(K):
                     if HAS_ORDER:
                         j = tl.load(order_ptr + b64 * K * K + i * K + t).to(tl.int32)
                     else:
-                        j = tl.full([], t, tl.int32)
+                        j = tl.zeros([], dtype=tl.int32) + t
                     Mj = tl.sum(tl.where(rows == j, M, 0.0), axis=0)  # g_j . g_k, all k
                     dot = tl.sum(ci * Mj)  # g'_i . g_j
                     Mjj = tl.sum(tl.where(rk == j, Mj, 0.0))
@@ -154,15 +154,15 @@ if triton is not None:
                 w = w + ci
         if METHOD == 2:  # GradVac: pull cos(g'_i, g_j) up to target[i, j]
             w = tl.zeros([KP], dtype=tl.float32)
-            for i in tl.static_range(K):
+            for i in range(K):
                 ci = tl.where(rk == i, 1.0, 0.0)
                 cG = tl.sum(tl.where(rows == i, M, 0.0), axis=0)  # g'_i . g_k, all k
                 phi_row = tl.zeros([KP], dtype=tl.float32)
-                for t in tl.static_range(K):
+                for t in range(K):
                     if HAS_ORDER:
                         j = tl.load(order_ptr + b64 * K * K + i * K + t).to(tl.int32)
                     else:
-                        j = tl.full([], t, tl.int32)
+                        j = tl.zeros([], dtype=tl.int32) + t
                     valid = j != i
                     sel = rk == j
                     dot = tl.sum(tl.where(sel, cG, 0.0))
@@ -635,14 +635,14 @@ def fused_forward(
             raise ValueError(f"sample_weight must be (B,) = {(B,)}, got {tuple(sample_weight.shape)}")
         sample_weight = sample_weight.to(**f32).contiguous()
 
-    M = torch.empty(B, K, K, **f32)
-    cos = torch.empty(B, K, K, **f32)
-    w = torch.empty(B, K, **f32)
-    phi = torch.zeros(B, K, K, **f32) if method == 2 else None
     if B == 0 or D == 0:  # nothing to stream: the reference handles the degenerate cases
         from ..engine import reference
 
         return reference.fused(G, method, order, target, sample_weight, reduction)
+    M = torch.empty(B, K, K, **f32)
+    cos = torch.empty(B, K, K, **f32)
+    w = torch.empty(B, K, **f32)
+    phi = torch.empty(B, K, K, **f32) if method == 2 else None  # every entry written
 
     dummy = M  # stands for absent optional pointers (never dereferenced)
     order_arg = order if has_order else dummy
@@ -732,3 +732,75 @@ class TritonBackend:
 
     def fused(self, G, method, order, target, sample_weight, reduction):
         return fused_forward(G, method, order, target, sample_weight, reduction)
+
+
+# ----------------------------------------------------------------------------------------
+# quick benchmark: python -m gradharmony.kernels.triton_harmonize [--full]
+# ----------------------------------------------------------------------------------------
+
+
+def _bench_ms(fn, reps: int = 30, inner: int = 10) -> tuple[float, float, float]:
+    """(median, p20, p80) ms per call of ``fn``: CUDA events around ``inner`` back-to-back
+    calls (so host launch overhead counts when it dominates)."""
+    import statistics
+
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(inner):
+            fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / inner)
+    q = statistics.quantiles(times, n=10)
+    return statistics.median(times), q[1], q[7]
+
+
+def _benchmark(full: bool = False) -> None:
+    """Median / p20 / p80 per call at the DESIGN.md sizes, next to the reference and the
+    copy-bandwidth floor (one read of G = half a device copy of G)."""
+    import subprocess
+
+    from ..engine import reference
+
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
+        ).stdout.strip()
+    except Exception:
+        commit = "?"
+    dev = torch.cuda.get_device_name()
+    print(f"# {dev} torch {torch.__version__} triton {triton.__version__} commit {commit}")
+    print("size, dtype, method, reduction, path, median_ms, p20_ms, p80_ms, ref_ms, x_2reads")
+    sizes = [(256, 2, 1024), (256, 3, 1024), (1024, 2, 4096), (64, 2, 1 << 20), (256, 2, 1 << 20), (256, 3, 1 << 20)]
+    dtypes = (torch.float32, torch.bfloat16) if full else (torch.float32,)
+    methods = (0, 1, 2) if full else (1,)
+    for B, K, D in sizes:
+        for dtype in dtypes:
+            G = torch.randn(B, K, D, device="cuda", dtype=dtype)
+            order = torch.stack([torch.randperm(K) for _ in range(B * K)]).view(B, K, K).cuda()
+            target = torch.full((K, K), 0.2, device="cuda")
+            copy_ms = _bench_ms(lambda: G.clone(), reps=10)[0]  # read + write = 2 reads
+            for method in methods:
+                tgt = target if method == 2 else None
+                for reduction in ("none", "sum"):
+                    ref_ms = _bench_ms(lambda: reference.fused(G, method, order, tgt, None, reduction), reps=5, inner=2)[0]
+                    paths = ["auto"] + (["small", "large"] if full and K * D * G.element_size() <= 1 << 16 else [])
+                    for path in paths:
+                        med, p20, p80 = _bench_ms(lambda: fused_forward(G, method, order, tgt, None, reduction, path))
+                        print(
+                            f"{B}x{K}x{D}, {str(dtype)[6:]}, {method}, {reduction}, {path}, "
+                            f"{med:.4f}, {p20:.4f}, {p80:.4f}, {ref_ms:.4f}, {med / copy_ms:.2f}",
+                            flush=True,
+                        )
+            del G
+
+
+if __name__ == "__main__":  # pragma: no cover - needs a GPU
+    import sys
+
+    _benchmark(full="--full" in sys.argv)
