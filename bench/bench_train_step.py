@@ -58,6 +58,9 @@ PARAM_VARIANT = {"harmony.method": "pcgrad", "harmony.curriculum": "off", "harmo
 
 
 def git_commit() -> str:
+    """Short commit of the checkout (or $GH_COMMIT where the tree was copied without .git)."""
+    if os.environ.get("GH_COMMIT"):
+        return os.environ["GH_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                               check=True).stdout.strip()

@@ -89,9 +89,7 @@ class StepOutput:
     loss_vt: float
     conflict_fraction: float = float("nan")
     kept_fraction: float = float("nan")
-    scores: Optional[Tensor] = None  # (B_global,) conflict scores
-    indices: Optional[Tensor] = None  # (B_global,) clip indices
-    stats: dict[str, float] = field(default_factory=dict)
+    scores: Optional[Tensor] = None  # (B_global,) conflict scores (CPU)
 
 
 # ---------------------------------------------------------------------- builders
@@ -193,6 +191,7 @@ class Trainer:
         self.tracker = ScoreTracker(_ground_truth(self.train_set))
         self.state = TrainState()
         self.meter = Meter()
+        self._last_stats_obj: Optional[Any] = None  # gh.ConflictStats of the last step
         self.run_dir = t.out or time.strftime(f"runs/vatt-{cfg.preset}-%Y%m%d-%H%M%S", time.gmtime())
         self.metrics_path = os.path.join(self.run_dir, "metrics.jsonl")
         self.ckpt_dir = os.path.join(self.run_dir, "checkpoints")
@@ -275,17 +274,26 @@ class Trainer:
         return None if src is None else src.last_stats
 
     def _step_output(self, loss: Tensor, l_va: Tensor, l_vt: Tensor, stats: Optional[Any]) -> StepOutput:
-        vals = [loss.detach(), l_va.detach().mean(), l_vt.detach().mean()]
-        if stats is not None:
-            vals += [torch.tensor(float(stats.conflict_fraction)), torch.tensor(float(stats.kept_fraction))]
-        red = all_reduce_mean(torch.stack([v.float().cpu() for v in vals]), self.ctx).tolist()
-        res = StepOutput(loss=red[0], loss_va=red[1], loss_vt=red[2])
-        if stats is not None:
-            res.conflict_fraction, res.kept_fraction = red[3], red[4]
-            res.scores = all_gather_tensor(stats.score.detach().float().cpu(), self.ctx)
-            res.stats = {k: float(v) for k, v in stats.to_dict(prefix="train/conflict/").items()
-                         if isinstance(v, (int, float))}
-        return res
+        """Global step values with one device->host copy: losses averaged over ranks, scores gathered.
+
+        conflict fraction = share of the global batch with score < 0; kept fraction = mean raw
+        curriculum weight (1 without curriculum), as in ``gh.ConflictStats``.
+        """
+        means = torch.stack([loss.detach(), l_va.detach().mean(), l_vt.detach().mean()]).float()
+        means = all_reduce_mean(means, self.ctx)
+        if stats is None:
+            red = means.cpu().tolist()
+            return StepOutput(loss=red[0], loss_va=red[1], loss_vt=red[2])
+        score = stats.score.detach().float().reshape(-1)
+        cw = stats.curriculum_weights
+        kept = (torch.ones_like(score) if cw is None else cw.detach().float().reshape(-1))
+        per_sample = all_gather_tensor(torch.stack([score, kept], dim=1), self.ctx)  # (B_global, 2)
+        flat = torch.cat([means, per_sample.reshape(-1)]).cpu()
+        red, per_sample = flat[:3].tolist(), flat[3:].view(-1, 2)
+        self._last_stats_obj = stats
+        return StepOutput(loss=red[0], loss_va=red[1], loss_vt=red[2],
+                          conflict_fraction=float((per_sample[:, 0] < 0).float().mean()),
+                          kept_fraction=float(per_sample[:, 1].mean()), scores=per_sample[:, 0])
 
     # -------------------------------------------------------------- loop
 
@@ -329,7 +337,7 @@ class Trainer:
         self._accumulate(res, dt)
         step = self.state.step
         if step % t.log_every == 0 or step == t.steps:
-            self._log_interval(res)
+            self._log_interval()
         if t.eval_every and step % t.eval_every == 0 and step != t.steps:
             self.run_eval()
         if step % t.ckpt_every == 0 or step == self._stop_at:
@@ -363,7 +371,7 @@ class Trainer:
             counts = np.histogram(s, bins=HIST_BINS, range=(-1.0, 1.0))[0]
             m.hist = [a + float(b) for a, b in zip(m.hist, counts)]
 
-    def _log_interval(self, res: StepOutput) -> None:
+    def _log_interval(self) -> None:
         m = self.meter
         rec: dict[str, Any] = {"step": self.state.step, "loss": m.loss / m.n, "train/loss": m.loss / m.n,
                                "train/loss_va": m.loss_va / m.n, "train/loss_vt": m.loss_vt / m.n,
@@ -374,7 +382,9 @@ class Trainer:
             rec.update({"train/conflict_fraction": m.conflict_fraction / m.n,
                         "train/kept_fraction": m.kept_fraction / m.n,
                         "train/score_mean": m.score_sum / m.score_n, "train/score_hist": m.hist})
-            rec.update(res.stats)
+            last = self._last_stats_obj
+            if last is not None:  # this rank's statistics of the interval's last step
+                rec.update({k: float(v) for k, v in last.to_dict(prefix="train/conflict/").items()})
         self.meter = Meter()
         self.log(rec)
 
