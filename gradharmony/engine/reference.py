@@ -251,12 +251,27 @@ def _support_solve(M: Tensor, rhs: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def _min_norm_exact(Mn: Tensor, w_iter: Tensor) -> Tensor:
-    """Best of ``w_iter`` and every support's affine-hull min-norm point (w_S ∝ M_SS^-1 1)."""
+    """Best of ``w_iter`` and every support's affine-hull min-norm point.
+
+    On a support S the KKT system is bordered: ``[M_SS 1; 1^T 0] [w_S; -lam] = [0; 1]``. It
+    is non-singular whenever the g_k (k in S) are affinely independent, also when M_SS is
+    singular (e.g. K = 3 gradients in a plane around the origin: the min-norm point is 0).
+    """
     B, K, _ = Mn.shape
-    y, ok, S = _support_solve(Mn, torch.ones(B, K, dtype=Mn.dtype, device=Mn.device))
-    tot = y.sum(-1, keepdim=True)
-    ok &= tot.squeeze(-1) > 0
-    w = torch.where(ok.unsqueeze(-1), y / torch.where(tot > 0, tot, 1.0), 0.0)
+    S = _supports(K, Mn.device)  # (S, K)
+    m = S.to(Mn.dtype)
+    nS = m.shape[0]
+    A = torch.zeros(B, nS, K + 1, K + 1, dtype=Mn.dtype, device=Mn.device)
+    A[..., :K, :K] = Mn.unsqueeze(1) * (m.unsqueeze(-1) * m.unsqueeze(-2)) + torch.diag_embed(1 - m)
+    A[..., :K, K] = m
+    A[..., K, :K] = m
+    r = torch.zeros(B, nS, K + 1, dtype=Mn.dtype, device=Mn.device)
+    r[..., K] = 1
+    sol, info = torch.linalg.solve_ex(A, r)
+    ok = (info == 0) & torch.isfinite(sol).all(-1)
+    res = (torch.einsum("bskj,bsj->bsk", A, sol) - r).abs().amax(-1)
+    ok &= res <= 1e-6
+    w = torch.where(ok.unsqueeze(-1), sol[..., :K], 0.0)
     ok &= (w >= -1e-12).all(-1)
     w = w.clamp_min(0)
     w = w / w.sum(-1, keepdim=True).clamp_min(torch.finfo(Mn.dtype).tiny)

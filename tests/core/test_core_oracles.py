@@ -235,3 +235,19 @@ def test_random_order_state_round_trip(method, gen):
     other.load_state_dict(state)
     assert torch.equal(gh.harmonize(G, other, backend="torch").grad, a)
     assert torch.equal(gh.harmonize(G, other, backend="torch").grad, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("K,D", [(3, 2), (4, 3), (5, 2), (3, 1)])
+def test_mgda_origin_in_hull(K, D, dtype, gen):
+    """More gradients than dimensions around the origin: the min-norm point is 0 (M_SS singular)."""
+    g = torch.randn(K, D, dtype=F64, generator=gen)
+    lam = torch.rand(K, dtype=F64, generator=gen) ** 3 + 0.01
+    lam = lam / lam.sum()  # far from uniform: Frank-Wolfe from 1/K does not start at the answer
+    g = g - lam @ g  # 0 = sum_k lam_k g_k: inside the hull
+    G = g.unsqueeze(0)
+    res = gh.harmonize(G.to(dtype), "mgda", backend="torch")
+    scale = float(g.norm(dim=-1).max())
+    close(res.grad[0], torch.zeros(D, dtype=F64), 1e-9 if dtype == F64 else 1e-5, scale=K * scale,
+          msg=f"mgda K={K} D={D}: min-norm point should be 0")
+    assert O.min_norm_point(g).norm() <= 1e-9 * scale
