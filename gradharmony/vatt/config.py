@@ -95,6 +95,7 @@ class HarmonyConfig:
     curriculum_temperature: float = 0.1  # soft mode
     chunk_size: int = 16  # parameter level
     backend: str = "auto"
+    nonfinite: str = "raise"  # NaN/inf gradient policy of the core: raise | skip | zero | propagate
 
 
 @dataclass
@@ -339,6 +340,8 @@ def _validate(cfg: Config) -> None:
     _check(0.0 <= h.curriculum_warmup <= 1.0, "harmony.curriculum_warmup", f"must be in [0, 1], got {h.curriculum_warmup}")
     _check(0.0 <= h.curriculum_ramp <= 1.0, "harmony.curriculum_ramp", f"must be in [0, 1], got {h.curriculum_ramp}")
     _check(h.curriculum_temperature > 0, "harmony.curriculum_temperature", "must be > 0")
+    _check(h.nonfinite in ("raise", "skip", "zero", "propagate"), "harmony.nonfinite",
+           f"must be raise, skip, zero or propagate, got {h.nonfinite!r}")
     _check(h.chunk_size >= 1, "harmony.chunk_size", f"must be >= 1, got {h.chunk_size}")
     _check(t.steps >= 1, "train.steps", f"must be >= 1, got {t.steps}")
     _check(t.batch_size >= 2, "train.batch_size", f"must be >= 2 (contrastive negatives), got {t.batch_size}")

@@ -215,10 +215,12 @@ class Trainer:
     def _build_harmony(self) -> None:
         h = self.cfg.harmony
         if h.level == "feature":
-            self.harmonizer = gh.Harmonizer(method=h.method, curriculum=self.curriculum, backend=h.backend)
+            self.harmonizer = gh.Harmonizer(method=h.method, curriculum=self.curriculum, backend=h.backend,
+                                            nonfinite=h.nonfinite)
         elif h.level == "parameter":
             self.hopt = gh.HarmonizedOptimizer(self.optimizer, method=h.method, curriculum=self.curriculum,
-                                               granularity="sample", chunk_size=h.chunk_size, backend=h.backend)
+                                               granularity="sample", chunk_size=h.chunk_size, backend=h.backend,
+                                               nonfinite=h.nonfinite)
 
     # -------------------------------------------------------------- one step
 
