@@ -6,18 +6,26 @@ launchers -> :class:`TritonBackend`.
 
 Two paths (DESIGN.md, "Gram -> coefficients -> combine"):
 
-- small, launch-bound inputs (``K * D * itemsize <= SMALL_BYTES``): ONE launch,
-  :func:`_fused_small_kernel`, one program per sample: Gram over D tiles (float32),
-  the tiny solve in registers, then ``out_b = w_b^T G_b`` (rows re-read, from L2; when
-  the whole sample fits one tile it is read once). ``reduction="sum"`` atomically adds
-  every sample into a zeroed float32 (D,) buffer (or, under
-  ``torch.use_deterministic_algorithms(True)``, writes per-sample float32 rows and sums
-  them with torch);
+- small, launch-bound inputs (``K * D * itemsize <= SMALL_BYTES``, 64 KiB: 256 x 3 x
+  1024 and 1024 x 2 x 4096 float32): ONE launch, :func:`_fused_small_kernel`, one
+  program per sample: the Gram matrix in float32, the tiny solve in registers, then
+  ``out_b = w_b^T G_b``. When the padded (KP, D) tile has at most 8192 elements the
+  sample stays in registers and G is read once; otherwise the program loops over D
+  twice (the second read mostly hits L2). ``reduction="sum"``: each program adds the
+  sum of its samples (several per program when B is large) atomically into a zeroed
+  float32 (D,) buffer; under ``torch.use_deterministic_algorithms(True)`` it writes
+  per-sample float32 rows that torch sums instead;
 - large inputs: two streaming passes. :func:`_gram_kernel` over a (sample, D-chunk)
   grid writes partial Gram matrices (B, NC, K, K) (no atomics: deterministic);
-  :func:`_solve_kernel` (grid B) sums them in a fixed order and runs the solve;
-  :func:`_combine_kernel` streams G once more: (sample, D-chunk) programs for
-  ``reduction="none"``, D-chunk programs looping over the samples for ``"sum"``.
+  :func:`_solve_kernel` (grid B) sums them in a fixed order and runs the solve, writing
+  M, cos, w, phi; :func:`_combine_kernel` streams G once more: (sample, D-chunk)
+  programs for ``reduction="none"``; for ``"sum"``, D-tile programs that loop over the
+  samples and write their tile once (split into sample groups with float32 partials
+  summed by torch only when D has too few tiles to fill the GPU).
+
+Gram tiles are loaded as (KP, 1, BLOCK_D) and multiplied by their ``tl.permute``: a
+register relabeling, where ``g[:, None, :] * g[None, :, :]`` of a 2-D tile makes the
+compiler move every tile through shared memory (checked in the PTX for sm_90).
 
 All accumulation is float32 (inputs float32 / float16 / bfloat16); divisions and square
 roots of the solve are IEEE-rounded (``div_rn`` / ``sqrt_rn``) like PyTorch's.
