@@ -187,3 +187,33 @@ def test_empty_batch_reports_no_stale_threshold(gen):
     res = gh.harmonize(torch.zeros(0, 2, 5), "pcgrad", curriculum=cur, backend="torch")
     assert res.threshold is None and "threshold" not in res.stats.to_dict()
     assert res.grad.shape == (0, 5) and res.stats.kept_fraction == 0.0
+
+
+def test_gradvac_ema_uses_kept_samples_only(gen):
+    """With a curriculum, GradVac's EMA moves by the mean phi of the samples that took part."""
+    G = torch.randn(8, 2, 11, generator=gen, dtype=torch.float64)
+    G[:, 1] -= 0.5 * G[:, 0]
+    rule = gh.GradVac(beta=0.5)
+    res = gh.harmonize(G, rule, backend="torch", curriculum=gh.ConflictCurriculum(start=0.5))
+    kept = res.sample_weights > 0
+    expect = 0.5 * res.cos[kept, 0, 1].mean()  # first call: phi = the plain cosine, EMA from 0
+    assert rule.phi_hat[0, 1].item() == pytest.approx(float(expect), abs=1e-12)
+    assert rule.phi_hat[1, 0].item() == pytest.approx(float(expect), abs=1e-12)
+
+
+def test_curriculum_under_single_process_group(gen, tmp_path):
+    """sync=True with torch.distributed initialized (world size 1, gloo): same weights and threshold."""
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        pytest.skip("torch.distributed not available")
+    s = _scores(13, gen)
+    ref = gh.ConflictCurriculum(start=0.4)
+    w_ref = ref.weights(s)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        cur = gh.ConflictCurriculum(start=0.4)
+        w = cur.weights(s)
+        assert torch.equal(w, w_ref) and cur.threshold == ref.threshold
+    finally:
+        dist.destroy_process_group()
