@@ -81,22 +81,40 @@ inline void gram_tile(int64_t K, int64_t n, const Scratch<acc_t>& s, double* Mpa
 }
 
 // o[0:n] (+)= sum_k w_k row_k of the loaded tile: overwrite when first, else accumulate.
+// Register-blocked: kCombLanes columns are summed over all K rows before one store.
+constexpr int kCombLanes = 16;
+constexpr int kPrefetch = 512;  // elements ahead (prefetching past a row end is harmless)
 template <typename acc_t>
 inline void combine_acc_tile(int64_t K, int64_t n, const acc_t* w, const Scratch<acc_t>& s,
                              acc_t* __restrict o, bool first) {
-  int64_t k0 = 0;
-  if (first) {
+  const acc_t* const* __restrict rows = s.ptr.data();
+  int64_t d = 0;
+  for (; d + kCombLanes <= n; d += kCombLanes) {
+    acc_t a[kCombLanes];
     const acc_t w0 = w[0];
-    const acc_t* __restrict r0 = s.ptr[0];
+    const acc_t* __restrict r0 = rows[0] + d;
+    __builtin_prefetch(r0 + kPrefetch);
 #pragma omp simd
-    for (int64_t d = 0; d < n; ++d) o[d] = w0 * r0[d];
-    k0 = 1;
+    for (int l = 0; l < kCombLanes; ++l) a[l] = w0 * r0[l];
+    for (int64_t k = 1; k < K; ++k) {
+      const acc_t wk = w[k];
+      const acc_t* __restrict r = rows[k] + d;
+      __builtin_prefetch(r + kPrefetch);
+#pragma omp simd
+      for (int l = 0; l < kCombLanes; ++l) a[l] += wk * r[l];
+    }
+    if (first) {
+#pragma omp simd
+      for (int l = 0; l < kCombLanes; ++l) o[d + l] = a[l];
+    } else {
+#pragma omp simd
+      for (int l = 0; l < kCombLanes; ++l) o[d + l] += a[l];
+    }
   }
-  for (int64_t k = k0; k < K; ++k) {
-    const acc_t wk = w[k];
-    const acc_t* __restrict r = s.ptr[k];
-#pragma omp simd
-    for (int64_t d = 0; d < n; ++d) o[d] += wk * r[d];
+  for (; d < n; ++d) {
+    acc_t a = w[0] * rows[0][d];
+    for (int64_t k = 1; k < K; ++k) a += w[k] * rows[k][d];
+    o[d] = first ? a : o[d] + a;
   }
 }
 
@@ -165,6 +183,16 @@ inline void gram_range(const scalar_t* Gb, int64_t K, int64_t D, int64_t d0, int
   for (int64_t a = d0; a < d1; a += kTile) {
     const int64_t n = std::min(kTile, d1 - a);
     load_tile(Gb, K, D, a, n, s);
+    // pull the next tile of every row towards L2 while this one is reduced (the hardware
+    // prefetcher alone keeps too few of K interleaved streams in flight)
+    const int64_t nn = std::min(kTile, d1 - a - n);
+    if (nn > 0) {
+      for (int64_t k = 0; k < K; ++k) {
+        const char* p = reinterpret_cast<const char*>(Gb + k * D + a + n);
+        const int64_t bytes = nn * static_cast<int64_t>(sizeof(scalar_t));
+        for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off);
+      }
+    }
     gram_tile(K, n, s, Mpart);
   }
 }
@@ -235,7 +263,7 @@ void combine_kernel(const at::Tensor& G, const at::Tensor& w, int64_t reduction,
   }
   const int64_t T = at::get_num_threads();
   // column block: a multiple of 64, at most kTile, small enough to give every thread work
-  int64_t cb = (D + 4 * T - 1) / (4 * T);
+  int64_t cb = B >= 4 * T ? kTile : (D + 4 * T - 1) / (4 * T);
   cb = std::min<int64_t>(kTile, std::max<int64_t>(64, (cb + 63) / 64 * 64));
   const int64_t nblk = (D + cb - 1) / cb;
   if (reduction == kNone) {
