@@ -108,13 +108,8 @@ if triton is not None:
         return ga * tl.permute(ga, (1, 0, 2))
 
     @triton.jit
-    def _solve_sample(
-        M,
+    def _solve_inputs(
         b,
-        M_ptr,
-        cos_ptr,
-        w_ptr,
-        phi_ptr,
         order_ptr,
         target_ptr,
         sw_ptr,
@@ -124,7 +119,43 @@ if triton is not None:
         HAS_ORDER: tl.constexpr,
         HAS_SW: tl.constexpr,
     ):
-        """Per-sample solve on the (KP, KP) float32 Gram matrix ``M`` (zero padded).
+        """Sample b's visiting order (KP, KP) int32, the targets (KP, KP) float32 and its
+        sample weight: loaded once, up front (issued before the Gram loads, their latency
+        overlaps), instead of one dependent scalar load per visit."""
+        rk = tl.arange(0, KP)
+        rows = rk[:, None]
+        cols = rk[None, :]
+        kk = (rows < K) & (cols < K)
+        ordm = tl.zeros([KP, KP], dtype=tl.int32)
+        if HAS_ORDER:
+            ordm = tl.load(order_ptr + b.to(tl.int64) * K * K + rows * K + cols, mask=kk, other=0).to(tl.int32)
+        tgtm = tl.zeros([KP, KP], dtype=tl.float32)
+        if METHOD == 2:
+            tgtm = tl.load(target_ptr + rows * K + cols, mask=kk, other=0.0)
+        swv = tl.full([], 1.0, tl.float32)
+        if HAS_SW:
+            swv = tl.load(sw_ptr + b).to(tl.float32)
+        return ordm, tgtm, swv
+
+    @triton.jit
+    def _solve_sample(
+        M,
+        b,
+        M_ptr,
+        cos_ptr,
+        w_ptr,
+        phi_ptr,
+        ordm,
+        tgtm,
+        swv,
+        K: tl.constexpr,
+        KP: tl.constexpr,
+        METHOD: tl.constexpr,
+        HAS_ORDER: tl.constexpr,
+        HAS_SW: tl.constexpr,
+    ):
+        """Per-sample solve on the (KP, KP) float32 Gram matrix ``M`` (zero padded), with
+        the order / targets / sample weight of :func:`_solve_inputs`.
 
         Stores M, cos (B, K, K), phi (gradvac) and returns w (KP,) float32 (sample
         weight folded in, zero in the padding).
@@ -150,7 +181,7 @@ if triton is not None:
                 ci = tl.where(rk == i, 1.0, 0.0)  # coefficients of g'_i
                 for t in range(K):
                     if HAS_ORDER:
-                        j = tl.load(order_ptr + b64 * K * K + i * K + t).to(tl.int32)
+                        j = tl.sum(tl.where((rows == i) & (cols == t), ordm, 0))
                     else:
                         j = tl.zeros([], dtype=tl.int32) + t
                     Mj = tl.sum(tl.where(rows == j, M, 0.0), axis=0)  # g_j . g_k, all k
@@ -168,7 +199,7 @@ if triton is not None:
                 phi_row = tl.zeros([KP], dtype=tl.float32)
                 for t in range(K):
                     if HAS_ORDER:
-                        j = tl.load(order_ptr + b64 * K * K + i * K + t).to(tl.int32)
+                        j = tl.sum(tl.where((rows == i) & (cols == t), ordm, 0))
                     else:
                         j = tl.zeros([], dtype=tl.int32) + t
                     valid = j != i
@@ -179,7 +210,7 @@ if triton is not None:
                     norm_j = tl.sqrt_rn(tl.maximum(tl.sum(tl.where(sel, Mj, 0.0)), 0.0))
                     phi = _safe_div(dot, norm_i * norm_j)
                     phi = tl.minimum(tl.maximum(phi, -1.0), 1.0)
-                    tgt = tl.load(target_ptr + i * K + j)
+                    tgt = tl.sum(tl.where((rows == i) & (cols == j), tgtm, 0.0))
                     hit = valid & (phi < tgt) & (norm_j > 0) & (norm_i > 0)
                     s_phi = tl.sqrt_rn(tl.maximum(1.0 - phi * phi, 0.0))
                     s_tgt = tl.sqrt_rn(tl.maximum(1.0 - tgt * tgt, 0.0))
@@ -191,7 +222,7 @@ if triton is not None:
                 tl.store(phi_ptr + b64 * K * K + i * K + rk, phi_row, mask=rk < K)
                 w = w + ci
         if HAS_SW:
-            w = w * tl.load(sw_ptr + b).to(tl.float32)
+            w = w * swv
         if METHOD >= 0:
             tl.store(w_ptr + b64 * K + rk, w, mask=rk < K)
         return w
@@ -244,10 +275,13 @@ if triton is not None:
                 bi = b * SPP + i
                 if bi < B:
                     bi64 = bi.to(tl.int64)
+                    ordm, tgtm, swv = _solve_inputs(
+                        bi, order_ptr, target_ptr, sw_ptr, K, KP, METHOD, HAS_ORDER, HAS_SW
+                    )
                     ga = tl.load(G_ptr + bi64 * K * D + roff3, mask=mask3, other=0.0).to(tl.float32)
                     M = tl.sum(_tile_gram(ga), axis=2)
                     w = _solve_sample(
-                        M, bi, M_ptr, cos_ptr, w_ptr, phi_ptr, order_ptr, target_ptr, sw_ptr,
+                        M, bi, M_ptr, cos_ptr, w_ptr, phi_ptr, ordm, tgtm, swv,
                         K, KP, METHOD, HAS_ORDER, HAS_SW,
                     )
                     o = tl.sum(tl.sum(w[:, None, None] * ga, axis=0), axis=0)
@@ -258,6 +292,7 @@ if triton is not None:
             if ATOMIC_SUM:
                 tl.atomic_add(out_ptr + rd, o_sum, mask=rd < D)
         else:
+            ordm, tgtm, swv = _solve_inputs(b, order_ptr, target_ptr, sw_ptr, K, KP, METHOD, HAS_ORDER, HAS_SW)
             acc = tl.zeros([KP, KP, BLOCK_D], dtype=tl.float32)
             for d0 in range(0, D, BLOCK_D):
                 offs3 = d0 + rd[None, None, :]
@@ -265,7 +300,7 @@ if triton is not None:
                 acc += _tile_gram(ga.to(tl.float32))
             M = tl.sum(acc, axis=2)
             w = _solve_sample(
-                M, b, M_ptr, cos_ptr, w_ptr, phi_ptr, order_ptr, target_ptr, sw_ptr,
+                M, b, M_ptr, cos_ptr, w_ptr, phi_ptr, ordm, tgtm, swv,
                 K, KP, METHOD, HAS_ORDER, HAS_SW,
             )
             for d0 in range(0, D, BLOCK_D):
@@ -340,12 +375,13 @@ if triton is not None:
         cols = rk[None, None, :]
         kk = (rows < K) & (cols < K)
         base = part_ptr + b.to(tl.int64) * NC * K * K + rows * K + cols
+        ordm, tgtm, swv = _solve_inputs(b, order_ptr, target_ptr, sw_ptr, K, KP, METHOD, HAS_ORDER, HAS_SW)
         acc = tl.zeros([CB, KP, KP], dtype=tl.float32)
         for c0 in range(0, NC, CB):  # CB partials per load, summed in a fixed order
             acc += tl.load(base + (c0 + rc) * (K * K), mask=kk & (c0 + rc < NC), other=0.0)
         M = tl.sum(acc, axis=0)
         _solve_sample(
-            M, b, M_ptr, cos_ptr, w_ptr, phi_ptr, order_ptr, target_ptr, sw_ptr,
+            M, b, M_ptr, cos_ptr, w_ptr, phi_ptr, ordm, tgtm, swv,
             K, KP, METHOD, HAS_ORDER, HAS_SW,
         )
 
