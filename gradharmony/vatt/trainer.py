@@ -302,7 +302,10 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         """Train to ``train.steps`` (or ``stop_after`` steps this session); returns the summary."""
         t = self.cfg.train
-        if t.resume:
+        if t.resume == "latest" and find_latest(self.ckpt_dir) is None:
+            if self.ctx.is_main:  # first session of a preemptible job: nothing to resume yet
+                print(f"--resume latest: no checkpoint in {self.ckpt_dir}; starting from scratch", flush=True)
+        elif t.resume:
             self.resume(t.resume)
         elif find_latest(self.ckpt_dir) is not None and not self.overwrite:
             raise ConfigError(f"--out: {self.run_dir} already holds checkpoints; pass --resume latest to continue "

@@ -91,3 +91,9 @@ def test_eval_and_plots_are_written(tmp_path) -> None:
     names = sorted(os.path.basename(p) for p in summary["plots"])
     assert names == ["conflict_hist.png", "kept_fraction.png", "losses.png", "retrieval.png"]
     assert os.path.exists(os.path.join(str(tmp_path), "summary.json"))
+
+
+def test_resume_latest_without_checkpoint_starts_fresh(tmp_path, capsys) -> None:
+    summary = Trainer(tiny_config(tmp_path, train__steps=1, train__resume="latest")).fit()
+    assert summary["status"] == "completed" and summary["step"] == 1
+    assert "starting from scratch" in capsys.readouterr().out
