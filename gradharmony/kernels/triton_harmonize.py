@@ -44,6 +44,7 @@ Example (CPU, under the interpreter)::
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Optional
 
@@ -532,6 +533,20 @@ def _small_cfg(KP: int, D: int, itemsize: int) -> tuple[int, bool, int]:
     return block, False, warps
 
 
+def _on_G_device(fn):
+    """Run ``fn(G, ...)`` with G's CUDA device current (triton launches on the current
+    device)."""
+
+    @functools.wraps(fn)
+    def wrapper(G: Tensor, *args, **kwargs):
+        if G.is_cuda and G.device.index != torch.cuda.current_device():
+            with torch.cuda.device(G.device):
+                return fn(G, *args, **kwargs)
+        return fn(G, *args, **kwargs)
+
+    return wrapper
+
+
 def _check_G(G: Tensor) -> None:
     if G.dim() != 3:
         raise ValueError(f"G must be (B, K, D), got shape {tuple(G.shape)}")
@@ -541,6 +556,7 @@ def _check_G(G: Tensor) -> None:
         raise ValueError(f"triton kernels take K <= {MAX_K}, got K = {G.shape[1]}")
 
 
+@_on_G_device
 def gram_forward(G: Tensor) -> Tensor:
     """Per-sample Gram matrices ``M_b = G_b G_b^T`` of G (B, K, D) -> (B, K, K) float32.
 
@@ -605,6 +621,7 @@ def _combine(G: Tensor, w: Tensor, reduction: str) -> Tensor:
     raise ValueError(f"reduction must be 'none' or 'sum', got {reduction!r}")
 
 
+@_on_G_device
 def combine_forward(G: Tensor, w: Tensor, reduction: str = "none") -> Tensor:
     """``out_b = w_b^T G_b`` (reduction "none", (B, D)) or its sum over b ("sum", (D,)).
 
@@ -627,6 +644,7 @@ def _path(G: Tensor, path: str) -> str:
     return "small" if K * D * G.element_size() <= SMALL_BYTES else "large"
 
 
+@_on_G_device
 def fused_forward(
     G: Tensor,
     method: int,
