@@ -90,6 +90,13 @@ def _extensions_and_cmdclass():
         os.environ["MAX_JOBS"] = str(max(1, min(8, os.cpu_count() or 1)))
 
     sources = [os.path.join("csrc", "ops.cpp"), os.path.join("csrc", "harmonize_cpu.cpp")]
+    # headers (and the .cu files, so that an sdist made on a CPU-only machine still carries
+    # them): rebuild triggers, and (setuptools >= 65) shipped in the sdist with the sources
+    depends = sorted(
+        os.path.relpath(p, HERE)
+        for pattern in ("*.h", "*.cuh", "*.cu")
+        for p in glob.glob(os.path.join(CSRC, pattern))
+    )
     cxx = ["-O3", "-fopenmp", "-std=c++17", "-ffp-contract=off"]
     with_cuda = bool(torch.version.cuda) and ce.CUDA_HOME is not None
     if force_cuda and not with_cuda:
@@ -101,12 +108,13 @@ def _extensions_and_cmdclass():
         sources.append(os.path.join("csrc", "harmonize_cuda.cu"))
         nvcc = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", *_cuda_archs()]
         ext = ce.CUDAExtension(
-            "gradharmony._C", sources, extra_compile_args={"cxx": cxx, "nvcc": nvcc},
-            extra_link_args=["-fopenmp"],
+            "gradharmony._C", sources, depends=depends,
+            extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=["-fopenmp"],
         )
     else:
         ext = ce.CppExtension(
-            "gradharmony._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"]
+            "gradharmony._C", sources, depends=depends, extra_compile_args={"cxx": cxx},
+            extra_link_args=["-fopenmp"],
         )
 
     base = ce.BuildExtension.with_options(use_ninja=True)
