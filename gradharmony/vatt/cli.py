@@ -93,16 +93,17 @@ def config_from_args(args: argparse.Namespace) -> Config:
             raise ConfigError(f"--set: expected SECTION.FIELD=VALUE, got {item!r}")
         key, value = item.split("=", 1)
         overrides[key.strip()] = value
+    given = {flag for flag in FLAG_KEYS if getattr(args, flag) is not None}
     try:
         return build_config(args.preset, args.config, overrides)
     except ConfigError as e:
-        raise ConfigError(_flag_name(str(e))) from None
+        raise ConfigError(_flag_name(str(e), given)) from None
 
 
-def _flag_name(msg: str) -> str:
-    """Prefix the command-line flag to a message naming a config key (``train.steps: ...``)."""
+def _flag_name(msg: str, given: set[str]) -> str:
+    """Name the command-line flag in a message about a config key it set (``train.steps: ...``)."""
     for flag, key in FLAG_KEYS.items():
-        if msg.startswith(key + ":"):
+        if flag in given and msg.startswith(key + ":"):
             return f"--{flag.replace('_', '-')} ({key}){msg[len(key):]}"
     return msg
 

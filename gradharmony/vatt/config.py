@@ -115,7 +115,7 @@ class TrainConfig:
     out: Optional[str] = None  # run folder; None = runs/vatt-<preset>-<UTC time>
     resume: Optional[str] = None  # "latest" or a checkpoint path
     log_every: int = 10
-    eval_every: int = 300  # 0 = only at the end
+    eval_every: int = 150  # 0 = only at the end
     ckpt_every: int = 200
     keep_checkpoints: int = 2
     stop_after: Optional[int] = None  # stop after this many steps in this session (preemptible jobs)

@@ -2,7 +2,7 @@
 
 ``losses.png`` (total, NCE video-audio, MIL-NCE video-text), ``conflict_hist.png`` (histogram of the
 per-sample gradient cosine over time), ``kept_fraction.png`` (curriculum kept fraction and
-conflict fraction), ``retrieval.png`` (eval R@1/R@5, probe accuracy, AUROC).
+conflict fraction), ``retrieval.png`` (eval R@10, class-level R@1, probe accuracy, AUROC).
 """
 from __future__ import annotations
 
@@ -66,7 +66,8 @@ def make_plots(metrics_path: str, folder: str) -> list[str]:
         save(fig, "kept_fraction.png")
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for key in ("eval/v2t_R@1", "eval/v2t_R@5", "eval/t2v_R@5", "eval/v2a_R@5", "eval/probe_acc", "eval/auroc_conflict"):
+    for key in ("eval/v2t_R@10", "eval/t2v_R@10", "eval/v2a_R@10", "eval/v2t_class_R@1", "eval/v2a_class_R@1",
+                "eval/probe_acc", "eval/auroc_conflict"):
         xs, ys = _series(recs, key)
         if xs:
             ax.plot(xs, ys, marker="o", label=key[5:])

@@ -320,7 +320,7 @@ class Trainer:
         try:
             while self.state.step < stop_at:
                 self._one_iteration(bar)
-        except NonFiniteLossError as e:
+        except (NonFiniteLossError, gh.NonFiniteGradientError) as e:  # NaN loss, or NaN/inf gradients
             status = "nonfinite"
             self._on_nonfinite(e)
         finally:
@@ -416,7 +416,7 @@ class Trainer:
 
     # -------------------------------------------------------------- failure / end
 
-    def _on_nonfinite(self, err: NonFiniteLossError) -> None:
+    def _on_nonfinite(self, err: Exception) -> None:
         last = self.state.last_checkpoint or find_latest(self.ckpt_dir)
         msg = (f"error: {err}; stopping. The last good checkpoint is "
                f"{last if last else '(none written yet)'}; resume with --resume latest after fixing the cause "
