@@ -110,7 +110,7 @@ def _flag_name(msg: str, given: set[str]) -> str:
 
 def _report(summary: dict[str, Any]) -> None:
     keys = ("eval/v2t_R@1", "eval/v2t_R@10", "eval/t2v_R@10", "eval/v2a_R@10", "eval/v2t_class_R@1",
-            "eval/v2a_class_R@1", "eval/probe_acc", "eval/auroc_conflict")
+            "eval/v2a_class_R@1", "eval/probe_acc", "eval/auroc_conflict", "eval/auroc_conflict_pass")
     print(f"[{PROG}] {summary['status']} at step {summary['step']} "
           f"({summary['train_time_s']:.1f}s in training steps)")
     for k in keys:

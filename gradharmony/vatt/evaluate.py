@@ -6,7 +6,9 @@
 * linear probe: scikit-learn logistic regression on frozen video features h_v (backbone
   aggregation token, no DropToken) fit on a probe-train split, accuracy on the eval split;
 * AUROC of ``-score`` (low gradient cosine = noisy) against the ground-truth misalignment of the
-  training clips, from the per-sample scores collected during training (:class:`ScoreTracker`).
+  training clips, from the per-sample scores collected during training (:class:`ScoreTracker`),
+  and from an eval pass (:func:`conflict_scores`: frozen model, no DropToken, one backward to the
+  video features per batch).
 """
 from __future__ import annotations
 
@@ -19,7 +21,8 @@ from torch import Tensor, nn
 
 from .data import ClipDataset, load_batch
 
-__all__ = ["encode_dataset", "retrieval_metrics", "linear_probe", "ScoreTracker", "evaluate"]
+__all__ = ["encode_dataset", "retrieval_metrics", "linear_probe", "ScoreTracker", "evaluate", "conflict_scores",
+           "conflict_auroc"]
 
 
 @torch.no_grad()
@@ -123,3 +126,45 @@ def evaluate(model: nn.Module, eval_set: ClipDataset, probe_set: Optional[ClipDa
         if len(np.unique(tr["label"])) > 1:
             out["eval/probe_acc"] = linear_probe(tr["h_v"], tr["label"], emb["h_v"], lab, seed)
     return out
+
+
+def conflict_scores(model: nn.Module, dataset: ClipDataset, batch_size: int, device: torch.device,
+                    temperature: float, limit: Optional[int] = None) -> np.ndarray:
+    """Per-clip conflict score (B,) of the first ``limit`` clips, batch by batch in index order.
+
+    The cosine between dL_va/dh_i and dL_vt/dh_i at the video features h (``gh.Harmonizer("sum")``),
+    with the model frozen in eval mode: only the heads are differentiated, the backbone is not.
+    """
+    import gradharmony as gh
+
+    from .losses import mil_nce_per_sample, nce_per_sample
+
+    was_training = model.training
+    model.eval()
+    harm = gh.Harmonizer("sum")
+    n = len(dataset) if limit is None else min(limit, len(dataset))
+    out: list[np.ndarray] = []
+    for start in range(0, n - 1, batch_size):
+        batch = {k: v.to(device) for k, v in load_batch(dataset, range(start, min(n, start + batch_size))).items()}
+        with torch.no_grad():
+            h_v, h_a, h_t = model.encode_video(batch["video"]), model.encode_audio(batch["audio"]), \
+                model.encode_text(batch["text"])
+        h = h_v.detach().requires_grad_()
+        z = model.heads(*harm.branch(h, 2), h_a, h_t)
+        loss = nce_per_sample(z["z_v_va"], z["z_a_va"], temperature=temperature).mean() + \
+            mil_nce_per_sample(z["z_v_vt"], z["z_t_vt"], batch["text_mask"], temperature=temperature).mean()
+        torch.autograd.grad(loss, h)
+        out.append(harm.last_stats.score.float().cpu().numpy())
+    model.train(was_training)
+    return np.concatenate(out) if out else np.zeros(0)
+
+
+def conflict_auroc(scores: np.ndarray, misaligned: np.ndarray) -> Optional[float]:
+    """ROC AUC of ``-scores`` for ``misaligned == 1`` (None when undefined or labels unknown)."""
+    from sklearn.metrics import roc_auc_score
+
+    y = np.asarray(misaligned)[: len(scores)]
+    sel = (y >= 0) & np.isfinite(scores)
+    if sel.sum() < 2 or y[sel].min() == y[sel].max():
+        return None
+    return float(roc_auc_score(y[sel], -scores[sel]))

@@ -67,7 +67,7 @@ def make_plots(metrics_path: str, folder: str) -> list[str]:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for key in ("eval/v2t_R@10", "eval/t2v_R@10", "eval/v2a_R@10", "eval/v2t_class_R@1", "eval/v2a_class_R@1",
-                "eval/probe_acc", "eval/auroc_conflict"):
+                "eval/probe_acc", "eval/auroc_conflict", "eval/auroc_conflict_pass"):
         xs, ys = _series(recs, key)
         if xs:
             ax.plot(xs, ys, marker="o", label=key[5:])

@@ -40,7 +40,7 @@ from .checkpoint import capture_rng, find_latest, list_checkpoints, load_checkpo
 from .config import Config, ConfigError
 from .data import ClipDataset, EpochBatchSampler, load_batch
 from .distributed import DistContext, all_gather_tensor, all_reduce_mean, barrier
-from .evaluate import ScoreTracker, evaluate
+from .evaluate import ScoreTracker, conflict_auroc, conflict_scores, evaluate
 from .losses import gather_features, mil_nce_per_sample, nce_per_sample
 from .model import VATT
 
@@ -410,9 +410,21 @@ class Trainer:
             auc = self.tracker.auroc(since_step=self.state.step - window + 1)
             if auc is not None:
                 metrics["eval/auroc_conflict"] = auc
+            auc = self._eval_pass_auroc()
+            if auc is not None:
+                metrics["eval/auroc_conflict_pass"] = auc
             self.log({"step": self.state.step, **metrics})
         barrier(self.ctx)
         return metrics
+
+    def _eval_pass_auroc(self) -> Optional[float]:
+        """AUROC of the conflict score from an eval pass over the first ``data.eval_size`` training clips."""
+        limit = min(len(self.train_set), self.cfg.data.eval_size)
+        if (self.tracker.misaligned[:limit] < 0).all():
+            return None
+        scores = conflict_scores(self.raw_model, self.train_set, self.cfg.train.batch_size, self.device,
+                                 self.cfg.model.temperature, limit)
+        return conflict_auroc(scores, self.tracker.misaligned[:limit])
 
     # -------------------------------------------------------------- failure / end
 

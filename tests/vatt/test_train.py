@@ -85,9 +85,9 @@ def test_eval_and_plots_are_written(tmp_path) -> None:
     evals = [r for r in read_metrics(str(tmp_path)) if "eval/v2t_R@1" in r]
     assert [r["step"] for r in evals] == [2, 3]
     for key in ("eval/v2t_R@5", "eval/t2v_median_rank", "eval/v2a_R@10", "eval/a2v_class_R@1", "eval/probe_acc",
-                "eval/auroc_conflict"):
+                "eval/auroc_conflict", "eval/auroc_conflict_pass"):
         assert key in summary, key
-    assert 0.0 <= summary["eval/auroc_conflict"] <= 1.0
+    assert 0.0 <= summary["eval/auroc_conflict"] <= 1.0 and 0.0 <= summary["eval/auroc_conflict_pass"] <= 1.0
     names = sorted(os.path.basename(p) for p in summary["plots"])
     assert names == ["conflict_hist.png", "kept_fraction.png", "losses.png", "retrieval.png"]
     assert os.path.exists(os.path.join(str(tmp_path), "summary.json"))
