@@ -23,7 +23,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-__all__ = ["ClipDataset", "WordTokenizer", "EpochBatchSampler", "collate", "DataError"]
+__all__ = ["ClipDataset", "WordTokenizer", "EpochBatchSampler", "Subset", "collate", "load_batch", "DataError"]
 
 PAD, UNK = "<pad>", "<unk>"
 
@@ -147,6 +147,30 @@ class EpochBatchSampler:
                              f"this run has {self.n} / {self.batch_size}")
         self.epoch, self.cursor = sd["epoch"], sd["cursor"]
         self._perm = self._permutation(self.epoch)
+
+
+class Subset:
+    """A range of another data set's clips (re-indexed from 0), keeping its tokenizer and ground truth."""
+
+    def __init__(self, base: ClipDataset, indices: range):
+        self.tokenizer = base.tokenizer
+        self.base, self.indices = base, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        clip = dict(self.base[self.indices[i]])
+        clip["index"] = i
+        return clip
+
+    def ground_truth(self) -> tuple[np.ndarray, np.ndarray]:
+        """(label, misaligned) of the selected clips (-1 where unknown)."""
+        if hasattr(self.base, "ground_truth"):
+            lab, mis = self.base.ground_truth()
+            idx = np.asarray(self.indices)
+            return lab[idx], mis[idx]
+        return np.full(len(self), -1), np.full(len(self), -1)
 
 
 def load_batch(dataset: ClipDataset, indices: Sequence[int]) -> dict[str, torch.Tensor]:

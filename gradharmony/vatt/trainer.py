@@ -38,7 +38,7 @@ import gradharmony as gh
 
 from .checkpoint import capture_rng, find_latest, list_checkpoints, load_checkpoint, restore_rng, save_checkpoint
 from .config import Config, ConfigError
-from .data import ClipDataset, EpochBatchSampler, load_batch
+from .data import ClipDataset, EpochBatchSampler, Subset, load_batch
 from .distributed import DistContext, all_gather_tensor, all_reduce_mean, barrier
 from .evaluate import ScoreTracker, conflict_auroc, conflict_scores, evaluate
 from .losses import gather_features, mil_nce_per_sample, nce_per_sample
@@ -93,22 +93,6 @@ class StepOutput:
 
 
 # ---------------------------------------------------------------------- builders
-
-
-class Subset:
-    """First/last part of a data set, keeping its tokenizer and ground truth."""
-
-    def __init__(self, base: ClipDataset, indices: range):
-        self.base, self.indices = base, indices
-        self.tokenizer = base.tokenizer
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        clip = dict(self.base[self.indices[i]])
-        clip["index"] = i
-        return clip
 
 
 def build_datasets(cfg: Config) -> tuple[ClipDataset, ClipDataset, Optional[ClipDataset]]:
