@@ -560,15 +560,14 @@ def _check_G(G: Tensor) -> None:
 def gram_forward(G: Tensor) -> Tensor:
     """Per-sample Gram matrices ``M_b = G_b G_b^T`` of G (B, K, D) -> (B, K, K) float32.
 
-    Two launches: partial Gram matrices over (sample, D-chunk) programs, then a fixed
-    order sum (deterministic).
+    Partial Gram matrices over (sample, D-chunk) programs, then (when a row has several
+    chunks) a fixed-order sum: deterministic, one or two launches.
     """
     _check_G(G)
     G = G.contiguous()
     B, K, D = G.shape
-    M = torch.zeros(B, K, K, dtype=torch.float32, device=G.device)
     if B == 0 or D == 0:
-        return M
+        return torch.zeros(B, K, K, dtype=torch.float32, device=G.device)
     KP = _kp(K)
     BLOCK_D, nw = _gram_cfg(KP, D, G.element_size())
     TILES, NC = _chunks(B, D, BLOCK_D, _CHUNK)
@@ -576,6 +575,7 @@ def gram_forward(G: Tensor) -> Tensor:
     _gram_kernel[(B * NC,)](G, part, D, NC, K=K, KP=KP, BLOCK_D=BLOCK_D, TILES=TILES, num_warps=nw)
     if NC == 1:
         return part.view(B, K, K)
+    M = torch.empty(B, K, K, dtype=torch.float32, device=G.device)
     _solve_kernel[(B,)](
         part, M, M, M, M, M, M, M, NC,
         K=K, KP=KP, METHOD=_METHOD_NONE, HAS_ORDER=False, HAS_SW=False, CB=_CB, num_warps=1,
