@@ -333,6 +333,34 @@ def test_backend_protocol():
     _assert_close(be.combine(G, w, "none"), reference.combine(G, w, "none"), 1e-5, "combine", "protocol")
 
 
+def test_launch_configs():
+    """Path choice and block configs at the DESIGN.md sizes (no kernel runs)."""
+
+    class _G:
+        def __init__(self, B, K, D, itemsize):
+            self.shape, self._i = (B, K, D), itemsize
+
+        def element_size(self):
+            return self._i
+
+    for B, K, D in ((256, 2, 1024), (256, 3, 1024), (1024, 2, 4096)):
+        assert th._path(_G(B, K, D, 4), "auto") == "small"
+    for B, K, D in ((64, 2, 1 << 20), (256, 3, 1 << 20)):
+        assert th._path(_G(B, K, D, 4), "auto") == "large"
+    # feature-level sizes keep the whole sample in registers (G read once)
+    assert th._small_cfg(2, 1024, 4)[1] and th._small_cfg(4, 1024, 4)[1] and th._small_cfg(2, 4096, 4)[1]
+    for KP in (2, 4, 8):
+        for itemsize in (2, 4):
+            block, warps = th._gram_cfg(KP, 1 << 20, itemsize)
+            per_thread = block // (32 * warps)
+            assert KP * KP * per_thread <= 128, (KP, itemsize)  # accumulator registers
+            if KP <= 4:
+                assert per_thread * itemsize >= 16, (KP, itemsize)  # 16-byte loads
+    # large path, small B: chunks shrink so the grid still fills the GPU
+    tiles, nc = th._chunks(1, 1 << 20, 2048, th._CHUNK)
+    assert nc >= th._MIN_PROGRAMS // 2
+
+
 def test_backend_registry_loads():
     from gradharmony.engine import backends
 
