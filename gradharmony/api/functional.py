@@ -91,6 +91,7 @@ class HarmonizeResult:
     curriculum_weights: Optional[Tensor]
     backend: str
     threshold: Optional[float] = None
+    score_reduce: str = "min"
     nonfinite_samples: Optional[Tensor] = None
     _stats: Optional[ConflictStats] = field(default=None, repr=False)
 
@@ -98,7 +99,8 @@ class HarmonizeResult:
     def stats(self) -> ConflictStats:
         """Conflict statistics of this call (see :class:`ConflictStats`)."""
         if self._stats is None:
-            self._stats = conflict_stats(self.cos, self.sample_weights, self.curriculum_weights, self.threshold)
+            self._stats = conflict_stats(self.cos, self.sample_weights, self.curriculum_weights, self.threshold,
+                                         reduce=self.score_reduce)
         return self._stats
 
 
@@ -196,5 +198,6 @@ def harmonize(
         curriculum_weights=raw,
         backend=res.backend,
         threshold=curriculum.threshold if curriculum is not None else None,
+        score_reduce=curriculum.reduce if curriculum is not None else "min",
         nonfinite_samples=res.nonfinite_samples,
     )

@@ -248,8 +248,9 @@ class HarmonizedOptimizer:
             w = w * s_w.to(w.dtype).unsqueeze(-1)
         mask = finite if s_w is None else finite & (s_w > 0)
         rule.update(cos, phi, mask)
-        self.last_stats = conflict_stats(cos, s_w, raw,
-                                         self.curriculum.threshold if self.curriculum is not None else None)
+        cur = self.curriculum
+        self.last_stats = conflict_stats(cos, s_w, raw, cur.threshold if cur is not None else None,
+                                         reduce=cur.reduce if cur is not None else "min")
         w = w.detach()
         if self.nonfinite in ("skip", "zero") and not bool(finite.all()):
             # Backpropagating a zero weight through a non-finite term still gives NaN
