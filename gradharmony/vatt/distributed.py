@@ -14,7 +14,9 @@
   per-sample conflict scores are all-gathered with their clip indices for the AUROC;
 * ``harmony.level="parameter"`` is single-process only (its per-sample backward passes do not
   go through DDP's gradient reduction);
-* only rank 0 logs, evaluates, plots and writes checkpoints.
+* only rank 0 logs, evaluates, plots and writes checkpoints; ``--resume`` loads that checkpoint
+  on every rank (rank 0's harmonizer state, e.g. the GradVac EMA, and RNG; other ranks re-seed),
+  so a DDP resume continues the run but is not bit-for-bit.
 """
 from __future__ import annotations
 
