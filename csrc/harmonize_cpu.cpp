@@ -2,9 +2,9 @@
 //
 // G: (B, K, D) contiguous; float32 / float64 / float16 / bfloat16 in, float32 (float64 for
 // float64) accumulation. Work is tiled over D in tiles of kTile columns so that the K rows of a
-// tile stay in L1: half-precision tiles are converted once into a small per-task buffer and
-// every inner loop is a unit-stride loop with independent partial sums. No (B, K, D) temporary
-// is allocated.
+// tile stay in L1: half-precision tiles are converted once into a small per-task buffer, every
+// inner loop is a unit-stride loop with independent partial sums, and the K interleaved row
+// streams are software-prefetched. No (B, K, D) temporary is allocated.
 //
 // fused, many samples: one task per block of samples; per sample, gram over all tiles, solve in
 // registers, then combine while G_b is still in cache (reduction "sum": one D-sized partial

@@ -1,11 +1,9 @@
 // CPU kernels of gradharmony (included by harmonize_cpu.cpp once per instruction set, inside
 // namespace gradharmony::GH_CPU_NS; GH_F16C selects the F16C half-precision conversions).
 // See harmonize_cpu.cpp for the design.
-// NOLINT(build/header_guard): deliberately included more than once.
+// No include guard: deliberately included more than once.
 
 namespace GH_CPU_NS {
-
-
 
 // Row k of sample b restricted to [d0, d0 + n), as acc_t values (converted into buf if needed).
 template <typename scalar_t, typename acc_t>
