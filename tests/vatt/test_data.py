@@ -7,6 +7,8 @@ import wave
 
 import numpy as np
 import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
 from gradharmony.vatt.config import DataConfig
 from gradharmony.vatt.data import DataError, EpochBatchSampler, WordTokenizer, collate
@@ -189,3 +191,68 @@ def test_manifest_errors_for_missing_or_invalid_manifest(tmp_path) -> None:
     p.write_text('{"video": "a.npy"\n')
     with pytest.raises(DataError, match="line 1: invalid JSON"):
         ManifestDataset(str(p), CFG)
+
+
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(2, 40), batch=st.integers(1, 8), world=st.sampled_from([1, 2, 4]), seed=st.integers(0, 99))
+def test_sampler_epochs_are_permutations_and_ranks_partition(n: int, batch: int, world: int, seed: int) -> None:
+    b = batch * world
+    assume(b <= n)
+    samplers = [EpochBatchSampler(n, b, seed, rank=r, world_size=world) for r in range(world)]
+    per_epoch = n // b
+    for _ in range(2 * per_epoch):
+        outs = [s.next_indices() for s in samplers]
+        glob = outs[0][0]
+        assert all((o[0] == glob).all() for o in outs)
+        assert np.concatenate([o[1] for o in outs]).tolist() == glob.tolist()
+        assert len(set(glob.tolist())) == b
+    assert samplers[0].epoch == 1
+
+
+def test_video_files_through_pyav(tmp_path, monkeypatch) -> None:
+    """The PyAV path with a stand-in ``av`` module (PyAV itself is optional)."""
+    import sys
+    import types
+
+    frames = [np.full((12, 10, 3), 40 * k, dtype=np.uint8) for k in range(5)]
+
+    class Frame:
+        def __init__(self, a: np.ndarray):
+            self.a = a
+
+        def to_ndarray(self, format: str) -> np.ndarray:  # noqa: A002 - PyAV's name
+            assert format == "rgb24"
+            return self.a
+
+    class Container:
+        streams = types.SimpleNamespace(video=[object()])
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def decode(self, video: int):
+            return (Frame(f) for f in frames)
+
+    monkeypatch.setitem(sys.modules, "av", types.SimpleNamespace(open=lambda path: Container()))
+    rows = make_clips(str(tmp_path), n=1)
+    (tmp_path / "clips" / "v.mp4").write_bytes(b"fake")
+    rows[0]["video"] = "clips/v.mp4"
+    ds = ManifestDataset(write_jsonl(str(tmp_path), rows), CFG)
+    v = ds[0]["video"]
+    assert v.shape == (3, 4, 16, 16)
+    np.testing.assert_allclose(v[0, 0], (0.0 - 0.4) / 0.3, atol=1e-6)  # first frame is black
+    np.testing.assert_allclose(v[0, -1], (160 / 255 - 0.4) / 0.3, atol=1e-5)  # last sampled frame
+
+
+def test_video_file_without_pyav_is_a_clear_error(tmp_path, monkeypatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "av", None)  # import av -> ImportError
+    rows = make_clips(str(tmp_path), n=1)
+    (tmp_path / "clips" / "v.mp4").write_bytes(b"fake")
+    rows[0]["video"] = "clips/v.mp4"
+    with pytest.raises(DataError, match="v.mp4: decoding video files needs PyAV"):
+        ManifestDataset(write_jsonl(str(tmp_path), rows), CFG)

@@ -5,6 +5,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch.nn.functional as F
 
 from gradharmony.vatt.losses import gather_features, mil_nce_per_sample, nce_per_sample
@@ -89,3 +91,27 @@ def test_losses_have_gradients_for_all_inputs() -> None:
     zv, zt = _unit(4, 3, seed=5).requires_grad_(), _unit(4, 2, 3, seed=6).requires_grad_()
     mil_nce_per_sample(zv, zt, torch.ones(4, 2, dtype=torch.bool)).sum().backward()
     assert torch.isfinite(zv.grad).all() and torch.isfinite(zt.grad).all()
+
+
+# ------------------------------------------------------------------ properties (hypothesis)
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(2, 7), d=st.integers(2, 6), seed=st.integers(0, 2**16))
+def test_nce_is_symmetric_and_permutation_equivariant(n: int, d: int, seed: int) -> None:
+    za, zb = _unit(n, d, seed=seed), _unit(n, d, seed=seed + 1)
+    la = nce_per_sample(za, zb, temperature=TAU)
+    torch.testing.assert_close(la, nce_per_sample(zb, za, temperature=TAU), rtol=1e-5, atol=1e-5)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    torch.testing.assert_close(nce_per_sample(za[perm], zb[perm], temperature=TAU), la[perm], rtol=1e-5, atol=1e-5)
+    assert (la > 0).all()
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(2, 6), p=st.integers(1, 4), seed=st.integers(0, 2**16))
+def test_mil_nce_ignores_padded_candidates(n: int, p: int, seed: int) -> None:
+    zv, zt = _unit(n, 5, seed=seed), _unit(n, p + 1, 5, seed=seed + 1)
+    mask = torch.ones(n, p + 1, dtype=torch.bool)
+    mask[:, -1] = False  # an extra, padded candidate with arbitrary content
+    torch.testing.assert_close(mil_nce_per_sample(zv, zt, mask, temperature=TAU),
+                               mil_nce_per_sample(zv, zt[:, :p], mask[:, :p], temperature=TAU), rtol=1e-5, atol=1e-5)

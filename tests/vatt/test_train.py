@@ -15,7 +15,8 @@ from .conftest import read_metrics, tiny_config
 
 @pytest.mark.parametrize("method,level,curriculum", [
     ("sum", "feature", "off"), ("pcgrad", "feature", "fraction"), ("gradvac", "feature", "threshold"),
-    ("pcgrad", "parameter", "fraction"), ("sum", "none", "off"),
+    ("pcgrad", "parameter", "fraction"), ("sum", "parameter", "off"), ("gradvac", "parameter", "off"),
+    ("sum", "none", "off"),
 ])
 def test_two_steps_per_method_and_level(tmp_path, method: str, level: str, curriculum: str) -> None:
     cfg = tiny_config(tmp_path, harmony__method=method, harmony__level=level, harmony__curriculum=curriculum)
