@@ -42,6 +42,7 @@ constexpr int64_t kTile = 1024;           // columns per tile
 constexpr int64_t kSumBlock = 65536;      // columns per block of combine(reduction=sum)
 constexpr int64_t kSplitDMin = 1 << 15;   // split one sample over D only above K*D of this
 constexpr int64_t kGrainElems = 1 << 15;  // minimum elements per parallel task
+constexpr int64_t kStreamBytes = 1 << 21; // outputs this large are written with streaming stores
 
 template <typename scalar_t>
 using acc_of = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;

@@ -151,13 +151,59 @@ inline void store_tile(const acc_t* __restrict src, int64_t n, scalar_t* __restr
   for (int64_t d = 0; d < n; ++d) dst[d] = static_cast<scalar_t>(src[d]);
 }
 
+#if GH_F16C
+// float only, AVX: o[0:n] = sum_k w_k row_k with non-temporal stores (the output is not read back
+// soon; saves the read-for-ownership of every output line). Same arithmetic as combine_acc_tile.
+inline void combine_stream_f32(int64_t K, int64_t n, const float* w, const Scratch<float>& s,
+                               float* o) {
+  const float* const* rows = s.ptr.data();
+  int64_t d = 0;
+  auto scalar_at = [&](int64_t e) {
+    float a = w[0] * rows[0][e];
+    for (int64_t k = 1; k < K; ++k) a += w[k] * rows[k][e];
+    o[e] = a;
+  };
+  for (; d < n && (reinterpret_cast<uintptr_t>(o + d) & 31u); ++d) scalar_at(d);
+  for (; d + 16 <= n; d += 16) {
+    const __m256 w0 = _mm256_set1_ps(w[0]);
+    __builtin_prefetch(rows[0] + d + kPrefetch);
+    __m256 a0 = _mm256_mul_ps(w0, _mm256_loadu_ps(rows[0] + d));
+    __m256 a1 = _mm256_mul_ps(w0, _mm256_loadu_ps(rows[0] + d + 8));
+    for (int64_t k = 1; k < K; ++k) {
+      const __m256 wk = _mm256_set1_ps(w[k]);
+      __builtin_prefetch(rows[k] + d + kPrefetch);
+      a0 = _mm256_add_ps(a0, _mm256_mul_ps(wk, _mm256_loadu_ps(rows[k] + d)));
+      a1 = _mm256_add_ps(a1, _mm256_mul_ps(wk, _mm256_loadu_ps(rows[k] + d + 8)));
+    }
+    _mm256_stream_ps(o + d, a0);
+    _mm256_stream_ps(o + d + 8, a1);
+  }
+  for (; d < n; ++d) scalar_at(d);
+}
+#endif
+
+// Make non-temporal stores of this thread visible before the parallel region ends.
+inline void stream_fence() {
+#if GH_F16C
+  _mm_sfence();
+#endif
+}
+
 // dst[0:n] = sum_k w_k row_k of the loaded tile, written straight into dst when it has the
-// accumulation type, else through s.out.
+// accumulation type (streaming stores when `stream`), else through s.out.
 template <typename scalar_t, typename acc_t>
-inline void combine_into(int64_t K, int64_t n, const acc_t* w, Scratch<acc_t>& s, scalar_t* dst) {
+inline void combine_into(int64_t K, int64_t n, const acc_t* w, Scratch<acc_t>& s, scalar_t* dst,
+                         bool stream = false) {
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
+#if GH_F16C
+    if constexpr (std::is_same_v<acc_t, float>) {
+      if (stream) return combine_stream_f32(K, n, w, s, dst);
+    }
+#endif
+    (void)stream;
     combine_tile(K, n, w, s, dst);
   } else {
+    (void)stream;
     combine_tile(K, n, w, s, s.out.data());
     store_tile(s.out.data(), n, dst);
   }
@@ -265,14 +311,16 @@ void combine_kernel(const at::Tensor& G, const at::Tensor& w, int64_t reduction,
   cb = std::min<int64_t>(kTile, std::max<int64_t>(64, (cb + 63) / 64 * 64));
   const int64_t nblk = (D + cb - 1) / cb;
   if (reduction == kNone) {
+    const bool stream = B * D * static_cast<int64_t>(sizeof(scalar_t)) >= kStreamBytes;
     const int64_t grain = std::max<int64_t>(1, kGrainElems / (K * cb));
     at::parallel_for(0, B * nblk, grain, [&](int64_t i0, int64_t i1) {
       Scratch<acc_t> s(K);
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t b = i / nblk, d0 = (i % nblk) * cb, n = std::min(cb, D - d0);
         load_tile(g + b * K * D, K, D, d0, n, s);
-        combine_into(K, n, wp + b * K, s, o + b * D + d0);
+        combine_into(K, n, wp + b * K, s, o + b * D + d0, stream);
       }
+      stream_fence();
     });
     return;
   }
@@ -345,6 +393,7 @@ void fused_kernel(const at::Tensor& G, int64_t method, const FusedInputs& in, in
   // One pass: per sample gram -> solve -> combine while G_b is in cache.
   const int64_t tasks = num_tasks(B, B * K * D);
   const bool sum = reduction == kReduceSum;
+  const bool stream = !sum && B * D * static_cast<int64_t>(sizeof(scalar_t)) >= kStreamBytes;
   // reduction sum: one D-sized partial per task (the output itself for one float/double task)
   constexpr bool same = std::is_same_v<scalar_t, acc_t>;
   const bool direct = sum && same && tasks == 1;
@@ -368,11 +417,12 @@ void fused_kernel(const at::Tensor& G, int64_t method, const FusedInputs& in, in
           if (sum) {
             combine_acc_tile(K, n, wp + b * K, s, pbase + t * D + d0, b == b0);
           } else {
-            combine_into(K, n, wp + b * K, s, o + b * D + d0);
+            combine_into(K, n, wp + b * K, s, o + b * D + d0, stream);
           }
         }
       }
     }
+    stream_fence();
   });
   if (sum && !direct) {
     const int64_t grain = std::max<int64_t>(64, kGrainElems / tasks);

@@ -170,6 +170,11 @@ def test_fused_cpu_split_path(ops):
         _run_table(ops, "cpu", dtype, 1, 3, 70001, 1.0)
 
 
+def test_fused_cpu_large_output(ops):
+    """Outputs over 2 MiB are written with streaming stores (rows not 32-byte aligned here)."""
+    _run_table(ops, "cpu", torch.float32, 150, 3, 4099, 1.0)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("B,K,D", [(1, 1, 1), (3, 2, 7), (37, 5, 1000), (2, 9, 4099), (4, 12, 70001)])
 def test_gram_combine_cpu(ops, dtype, B, K, D):
