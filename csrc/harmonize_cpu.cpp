@@ -39,6 +39,7 @@ namespace gradharmony {
 namespace {
 
 constexpr int64_t kTile = 1024;           // columns per tile
+constexpr int64_t kSumRowBytes = 1 << 18; // combine(sum): rows up to this size use per-task partials
 constexpr int64_t kSumBlock = 65536;      // columns per block of combine(reduction=sum)
 constexpr int64_t kSplitDMin = 1 << 15;   // split one sample over D only above K*D of this
 constexpr int64_t kGrainElems = 1 << 15;  // minimum elements per parallel task

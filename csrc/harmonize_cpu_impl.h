@@ -324,7 +324,39 @@ void combine_kernel(const at::Tensor& G, const at::Tensor& w, int64_t reduction,
     });
     return;
   }
-  // sum: column blocks of up to kSumBlock columns (long streams per row), each summed over all
+  if (D * static_cast<int64_t>(sizeof(acc_t)) <= kSumRowBytes) {
+    // sum, short rows: G streamed in memory order by blocks of samples, each block summing into
+    // its own D-sized partial (the output itself for one float/double block).
+    const int64_t tasks = num_tasks(B, B * K * D);
+    constexpr bool same = std::is_same_v<scalar_t, acc_t>;
+    const bool direct = same && tasks == 1;
+    std::vector<acc_t> partial(direct ? 0 : tasks * D);
+    acc_t* pbase = direct ? reinterpret_cast<acc_t*>(o) : partial.data();
+    at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
+      Scratch<acc_t> s(K);
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t b0 = B * t / tasks, b1 = B * (t + 1) / tasks;
+        for (int64_t b = b0; b < b1; ++b)
+          for (int64_t d0 = 0; d0 < D; d0 += kTile) {
+            const int64_t n = std::min(kTile, D - d0);
+            load_tile(g + b * K * D, K, D, d0, n, s);
+            combine_acc_tile(K, n, wp + b * K, s, pbase + t * D + d0, b == b0);
+          }
+      }
+    });
+    if (!direct) {
+      const int64_t grain = std::max<int64_t>(64, kGrainElems / tasks);
+      at::parallel_for(0, D, grain, [&](int64_t d0, int64_t d1) {
+        for (int64_t d = d0; d < d1; ++d) {
+          acc_t v = partial[d];
+          for (int64_t t = 1; t < tasks; ++t) v += partial[t * D + d];
+          o[d] = static_cast<scalar_t>(v);
+        }
+      });
+    }
+    return;
+  }
+  // sum, long rows: column blocks of up to kSumBlock columns (long streams per row), each summed over all
   // samples in a block-sized accumulator; G is read once, no atomics, no D-sized buffers.
   int64_t sb = (D + 2 * T - 1) / (2 * T);
   sb = std::min<int64_t>(kSumBlock, std::max<int64_t>(64, (sb + 63) / 64 * 64));
