@@ -90,7 +90,7 @@ class HarmonizeResult:
     sample_weights: Optional[Tensor]
     curriculum_weights: Optional[Tensor]
     backend: str
-    threshold: Optional[float] = None
+    threshold: Optional[Union[float, Tensor]] = None  # 0-d tensor until read (no host sync)
     score_reduce: str = "min"
     nonfinite_samples: Optional[Tensor] = None
     _stats: Optional[ConflictStats] = field(default=None, repr=False)
@@ -197,7 +197,7 @@ def harmonize(
         sample_weights=res.sample_weights,
         curriculum_weights=raw,
         backend=res.backend,
-        threshold=curriculum.threshold if curriculum is not None else None,
+        threshold=curriculum.threshold_tensor if curriculum is not None else None,
         score_reduce=curriculum.reduce if curriculum is not None else "min",
         nonfinite_samples=res.nonfinite_samples,
     )

@@ -249,7 +249,7 @@ class HarmonizedOptimizer:
         mask = finite if s_w is None else finite & (s_w > 0)
         rule.update(cos, phi, mask)
         cur = self.curriculum
-        self.last_stats = conflict_stats(cos, s_w, raw, cur.threshold if cur is not None else None,
+        self.last_stats = conflict_stats(cos, s_w, raw, cur.threshold_tensor if cur is not None else None,
                                          reduce=cur.reduce if cur is not None else "min")
         w = w.detach()
         if self.nonfinite in ("skip", "zero") and not bool(finite.all()):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import Tensor
@@ -24,14 +24,15 @@ class ConflictStats:
         score: (B,) conflict score (cosine for K = 2; min over pairs for K > 2).
         sample_weights: (B,) applied per-sample factor (1 without curriculum).
         curriculum_weights: (B,) raw curriculum weights in [0, 1], or None.
-        threshold: curriculum score threshold, or None.
+        threshold: curriculum score threshold (a float, or a 0-d tensor kept on the device
+            until read, so that computing statistics costs no host sync), or None.
     """
 
     cos: Tensor
     score: Tensor
     sample_weights: Tensor
     curriculum_weights: Optional[Tensor] = None
-    threshold: Optional[float] = None
+    threshold: Optional[Union[float, Tensor]] = None
     _cache: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -82,7 +83,7 @@ def conflict_stats(
     cos: Tensor,
     sample_weights: Optional[Tensor] = None,
     curriculum_weights: Optional[Tensor] = None,
-    threshold: Optional[float] = None,
+    threshold: Optional[Union[float, Tensor]] = None,
     reduce: str = "min",
 ) -> ConflictStats:
     """Statistics from cosines (B, K, K) (see :class:`ConflictStats`)."""

@@ -15,6 +15,7 @@ Method ids shared with the compiled kernels: 0 = sum, 1 = pcgrad, 2 = gradvac.
 
 from __future__ import annotations
 
+import functools
 from typing import Optional, Union
 
 import torch
@@ -283,10 +284,23 @@ def _min_norm_exact(Mn: Tensor, w_iter: Tensor) -> Tensor:
     return cand[torch.arange(B, device=Mn.device), best]
 
 
+def _solve_in_float64(fn):
+    """Run a small K x K solve in float64 (cheap: B*K*K numbers) and cast back."""
+
+    @functools.wraps(fn)
+    def wrapper(M: Tensor, *args, **kwargs) -> Tensor:
+        if M.dtype == torch.float64:
+            return fn(M, *args, **kwargs)
+        return fn(M.to(torch.float64), *args, **kwargs).to(M.dtype)
+
+    return wrapper
+
+
+@_solve_in_float64
 def mgda_weights(M: Tensor, iters: int = 50) -> Tensor:
     """MGDA-UB (Sener & Koltun, NeurIPS 2018): the min-norm point of the convex hull.
 
-    ``w = argmin_{w in simplex} w^T M w`` per sample: closed form for K = 2; for K <= 8
+    ``w = argmin_{w in simplex} w^T M w`` per sample (solved in float64): closed form for K = 2; for K <= 8
     the exact solution among all supports (the affine-hull min-norm point of every
     subset of linearly independent gradients), checked against ``iters`` Frank-Wolfe
     steps with exact line search (also the solver for larger K). The combination is
@@ -367,6 +381,7 @@ def _cagrad_exact(Mn: Tensor, Mg0: Tensor, sqrt_phi: Tensor, w_iter: Tensor) -> 
     return cand[torch.arange(B, device=Mn.device), obj.argmin(1)]
 
 
+@_solve_in_float64
 def cagrad_weights(M: Tensor, c: float = 0.4, iters: int = 100, lr: float = 0.5) -> Tensor:
     """CAGrad (Liu et al., NeurIPS 2021) in Gram form, per sample.
 

@@ -177,6 +177,13 @@ class ConflictCurriculum:
         return self.normalized(self.raw_weights(score))
 
     @property
+    def threshold_tensor(self) -> Optional[Tensor]:
+        """Score threshold of the last call as a 0-d tensor on the scores' device (no sync)."""
+        if self._last_threshold_t is not None:
+            return self._last_threshold_t
+        return None if self.last_threshold is None else torch.tensor(self.last_threshold)
+
+    @property
     def threshold(self) -> Optional[float]:
         """Score threshold used by the last call (a host sync on first read)."""
         if self._last_threshold_t is not None:
