@@ -147,7 +147,10 @@ def _check_fused(inp: Inputs, method, path, reduction, with_sw=True, with_order=
     m_bound = 8 * F32_EPS * max(1.0, D**0.5) * norm + 64 * 1.5e-45 * D
     assert (m_err <= m_bound).all(), f"M: max err {m_err.max().item():.3g} [{tag}]"
     _assert_close(cos, r_cos, rtol * 10, "cos", tag, atol=1e-6)
-    _assert_close(w, r_w, rtol * 10, "w", tag, atol=1e-6)
+    # GradVac at |cos| = 1 (D = 1: all rows parallel) is ill-conditioned:
+    # sqrt(1 - phi^2) turns the last bit of phi into ~sqrt(2 eps) ~ 5e-4
+    wtol = 1e-2 if (method == 2 and D == 1) else rtol * 10
+    _assert_close(w, r_w, wtol, "w", tag, atol=1e-6)
     if method == 2:
         assert phi is not None and phi.shape == r_phi.shape, tag
         if D > 1:  # D = 1: rows are parallel, g'_i cancels to rounding noise and so does phi
@@ -157,7 +160,7 @@ def _check_fused(inp: Inputs, method, path, reduction, with_sw=True, with_order=
         assert phi is None, tag
     # out = sum of products that may cancel: error relative to the sum of magnitudes
     mag = reference.combine(inp.G.double().abs(), r_w.double().abs(), reduction).max().item()
-    _assert_close(out, r_out, rtol * 10, "out", tag, scale=mag)
+    _assert_close(out, r_out, wtol, "out", tag, scale=mag)
 
 
 # ----------------------------------------------------------------------------------------

@@ -257,16 +257,9 @@ if triton is not None:
         zeroed float32 (D,) that each program adds its samples' sum to (one atomic add per
         element and program)."""
         b = tl.program_id(0)
-        b64 = b.to(tl.int64)
         rk = tl.arange(0, KP)
         rk3 = rk[:, None, None]
         rd = tl.arange(0, BLOCK_D)
-        g_base = G_ptr + b64 * K * D + rk[:, None].to(tl.int64) * D
-        g_base3 = G_ptr + b64 * K * D + rk3.to(tl.int64) * D
-        if ATOMIC_SUM:
-            o_base = out_ptr
-        else:
-            o_base = out_ptr + b64 * D
         if ONE_TILE:  # the whole sample in registers: G is read once
             offs3 = rd[None, None, :]
             mask3 = (rk3 < K) & (offs3 < D)
@@ -292,7 +285,14 @@ if triton is not None:
                         tl.store(out_ptr + bi64 * D + rd, o.to(out_ptr.dtype.element_ty), mask=rd < D)
             if ATOMIC_SUM:
                 tl.atomic_add(out_ptr + rd, o_sum, mask=rd < D)
-        else:
+        else:  # one sample per program, two loops over D
+            b64 = b.to(tl.int64)
+            g_base = G_ptr + b64 * K * D + rk[:, None].to(tl.int64) * D
+            g_base3 = G_ptr + b64 * K * D + rk3.to(tl.int64) * D
+            if ATOMIC_SUM:
+                o_base = out_ptr
+            else:
+                o_base = out_ptr + b64 * D
             ordm, tgtm, swv = _solve_inputs(b, order_ptr, target_ptr, sw_ptr, K, KP, METHOD, HAS_ORDER, HAS_SW)
             acc = tl.zeros([KP, KP, BLOCK_D], dtype=tl.float32)
             for d0 in range(0, D, BLOCK_D):
