@@ -1,0 +1,79 @@
+"""Kernel-level benchmark of the Triton launchers: every method, reduction and path
+(one-launch "small" vs two-pass "large") at the DESIGN.md sizes, next to the reference
+and the device copy of G (= two reads). For tuning block sizes; the user-level
+comparison is bench_harmonize.py.
+
+    python bench/bench_triton_paths.py [--full]     # needs a CUDA GPU
+"""
+
+import torch
+import triton
+
+from gradharmony.engine import reference
+from gradharmony.kernels.triton_harmonize import fused_forward
+
+def _bench_ms(fn, reps: int = 30, inner: int = 10) -> tuple[float, float, float]:
+    """(median, p20, p80) ms per call of ``fn``: CUDA events around ``inner`` back-to-back
+    calls (so host launch overhead counts when it dominates)."""
+    import statistics
+
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(inner):
+            fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / inner)
+    q = statistics.quantiles(times, n=10)
+    return statistics.median(times), q[1], q[7]
+
+
+def _benchmark(full: bool = False) -> None:
+    """Median / p20 / p80 per call at the DESIGN.md sizes, next to the reference and the
+    copy-bandwidth floor (one read of G = half a device copy of G)."""
+    import subprocess
+
+    
+
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
+        ).stdout.strip()
+    except Exception:
+        commit = "?"
+    dev = torch.cuda.get_device_name()
+    print(f"# {dev} torch {torch.__version__} triton {triton.__version__} commit {commit}")
+    print("size, dtype, method, reduction, path, median_ms, p20_ms, p80_ms, ref_ms, x_2reads")
+    sizes = [(256, 2, 1024), (256, 3, 1024), (1024, 2, 4096), (64, 2, 1 << 20), (256, 2, 1 << 20), (256, 3, 1 << 20)]
+    dtypes = (torch.float32, torch.bfloat16) if full else (torch.float32,)
+    methods = (0, 1, 2) if full else (1,)
+    for B, K, D in sizes:
+        for dtype in dtypes:
+            G = torch.randn(B, K, D, device="cuda", dtype=dtype)
+            order = torch.stack([torch.randperm(K) for _ in range(B * K)]).view(B, K, K).cuda()
+            target = torch.full((K, K), 0.2, device="cuda")
+            copy_ms = _bench_ms(lambda: G.clone(), reps=10)[0]  # read + write = 2 reads
+            for method in methods:
+                tgt = target if method == 2 else None
+                for reduction in ("none", "sum"):
+                    ref_ms = _bench_ms(lambda: reference.fused(G, method, order, tgt, None, reduction), reps=5, inner=2)[0]
+                    paths = ["auto"] + (["small", "large"] if full and K * D * G.element_size() <= 1 << 16 else [])
+                    for path in paths:
+                        med, p20, p80 = _bench_ms(lambda: fused_forward(G, method, order, tgt, None, reduction, path))
+                        print(
+                            f"{B}x{K}x{D}, {str(dtype)[6:]}, {method}, {reduction}, {path}, "
+                            f"{med:.4f}, {p20:.4f}, {p80:.4f}, {ref_ms:.4f}, {med / copy_ms:.2f}",
+                            flush=True,
+                        )
+            del G
+
+
+if __name__ == "__main__":
+    import sys
+
+    _benchmark(full="--full" in sys.argv)
