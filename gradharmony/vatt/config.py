@@ -359,6 +359,10 @@ def _validate(cfg: Config) -> None:
     _check(t.device == "cpu" or t.device.startswith("cuda") or t.device == "auto", "train.device",
            f"must be cpu, cuda, cuda:N or auto, got {t.device!r}")
     if d.manifest is None:
+        # the embedded data has its own eval split, and a user eval manifest needs the
+        # vocabulary of a user training manifest: without --data it would be ignored
+        _check(d.eval_manifest is None, "data.eval_manifest",
+               f"needs data.manifest (--data); the embedded data has its own eval split, got {d.eval_manifest!r}")
         _check(d.eval_size >= 10, "data.eval_size", f"must be >= 10 for the embedded data, got {d.eval_size}")
         _check(d.train_size >= t.batch_size, "data.train_size",
                f"must be >= train.batch_size={t.batch_size}, got {d.train_size}")

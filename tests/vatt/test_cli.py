@@ -27,6 +27,8 @@ from .test_data import make_clips, write_jsonl
     (["--set", "model.video_patch=3,8,8"], "model.video_patch: temporal patch 3 must divide data.frames=8"),
     (["--config", "/nonexistent.json"], "--config: file not found"),
     (["--level", "none", "--curriculum", "fraction"], "--curriculum (harmony.curriculum): needs harmony.level"),
+    # regression: --eval-data without --data was silently ignored (a full run, exit 0)
+    (["--eval-data", "/nonexistent.jsonl"], "--eval-data (data.eval_manifest): needs data.manifest (--data)"),
 ])
 def test_bad_options_exit_2_naming_the_option(argv: list[str], message: str, capsys) -> None:
     assert main(argv + ["--print-config"]) == 2
@@ -94,3 +96,12 @@ def test_cli_bad_manifest_exits_2(tmp_path, capsys) -> None:
     assert main(tiny_argv(str(tmp_path / "run")) + ["--data", manifest]) == 2
     err = capsys.readouterr().err
     assert "line 2: empty caption" in err and os.path.basename(manifest) in err
+
+
+def test_cli_missing_eval_manifest_exits_2_naming_it(tmp_path, capsys) -> None:
+    data = tmp_path / "data"
+    manifest = write_jsonl(str(data), make_clips(str(data), n=4))
+    missing = str(tmp_path / "nope" / "eval.jsonl")
+    assert main(tiny_argv(str(tmp_path / "run")) + ["--data", manifest, "--eval-data", missing]) == 2
+    err = capsys.readouterr().err
+    assert missing in err and "manifest not found" in err and "Traceback" not in err, err
