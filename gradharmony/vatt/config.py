@@ -243,7 +243,12 @@ def _apply_nested(cfg: Config, data: dict[str, Any], prefix: str, source: str = 
         if not isinstance(values, dict):
             raise ConfigError(f"{source}: section {sec!r} must be a mapping")
         for name, value in values.items():
-            _set_field(getattr(cfg, sec), name, value, f"{sec}.{name}")
+            try:
+                _set_field(getattr(cfg, sec), name, value, f"{sec}.{name}")
+            except ConfigError as e:
+                if source == "preset":
+                    raise
+                raise ConfigError(f"{source}: {e}") from None  # name the file that holds the key
 
 
 def _set_field(section: Any, name: str, value: Any, key: str) -> None:

@@ -58,6 +58,17 @@ def test_bad_config_files(tmp_path, content: str, message: str) -> None:
         build_config(file=str(p))
 
 
+def test_bad_key_in_config_file_names_the_file(tmp_path, capsys) -> None:
+    # regression: an unknown key or a badly typed value in --config named the key but not the file
+    for content, message in [('{"train": {"stepz": 3}}', "unknown option 'train.stepz'"),
+                             ('{"train": {"steps": "x"}}', "train.steps: expected an integer")]:
+        p = tmp_path / "c.json"
+        p.write_text(content)
+        assert main(["--config", str(p), "--print-config"]) == 2
+        err = capsys.readouterr().err
+        assert f"{p}: {message}" in err and "Traceback" not in err, err
+
+
 def test_yaml_needs_pyyaml_or_works(tmp_path) -> None:
     p = tmp_path / "c.yaml"
     p.write_text("train:\n  steps: 5\n")
