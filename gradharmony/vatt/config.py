@@ -262,7 +262,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Convert ``value`` (possibly a command-line string) to type ``tp`` or raise ConfigError."""
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
-    if origin in (Union, types.UnionType):
+    # types.UnionType (``X | Y``) is Python 3.10+; the package supports 3.9
+    if origin is Union or origin is getattr(types, "UnionType", Union):
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
             if type(None) in args:
                 return None

@@ -69,6 +69,19 @@ def test_bad_key_in_config_file_names_the_file(tmp_path, capsys) -> None:
         assert f"{p}: {message}" in err and "Traceback" not in err, err
 
 
+def test_optional_fields_coerce_without_types_uniontype(monkeypatch) -> None:
+    # regression: _coerce referenced types.UnionType (Python 3.10+) although the package
+    # declares Python >= 3.9, so every Optional field (e.g. --stop-after) failed on 3.9
+    import types
+
+    from gradharmony.vatt import config
+
+    # the config module's view of ``types`` as on 3.9 (typing itself needs the real one)
+    monkeypatch.setattr(config, "types", types.SimpleNamespace())
+    cfg = build_config(overrides={"train.stop_after": "5", "data.manifest": "none"})
+    assert cfg.train.stop_after == 5 and cfg.data.manifest is None
+
+
 def test_yaml_needs_pyyaml_or_works(tmp_path) -> None:
     p = tmp_path / "c.yaml"
     p.write_text("train:\n  steps: 5\n")
