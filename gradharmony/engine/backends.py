@@ -168,13 +168,20 @@ def select_backend(backend: str, G: Tensor) -> Backend:
     device raises ``ValueError``; under "auto", a missing compiled backend falls back to
     the next one, warning once with the reason.
     """
+    source = ""
     if backend == "auto":
         backend = os.environ.get("GRADHARMONY_BACKEND", "auto") or "auto"
+        source = " (set by the environment variable GRADHARMONY_BACKEND)"
     if backend != "auto":
-        be = get_backend(backend)
+        try:
+            be = get_backend(backend)
+        except (ValueError, RuntimeError) as e:
+            if not source:
+                raise
+            raise type(e)(f"{e}{source}") from None
         if not be.supports(G):
             raise ValueError(
-                f"backend {backend!r} cannot run on a {G.dtype} tensor on {G.device}"
+                f"backend {backend!r}{source} cannot run on a {G.dtype} tensor on {G.device}"
             )
         return be
     for name in PREFERENCE.get(G.device.type, ("torch",)):

@@ -188,3 +188,24 @@ def test_trailing_dims_are_flattened(gen):
     nc = torch.randn(4, 5, 3, generator=gen, dtype=F64).transpose(1, 2)  # non-contiguous (4, 3, 5)
     torch.testing.assert_close(gh.harmonize(nc, "pcgrad", order="fixed", backend="torch").grad,
                                gh.harmonize(nc.contiguous(), "pcgrad", order="fixed", backend="torch").grad)
+
+
+def test_env_backend_is_honoured_and_named_in_errors(gen, monkeypatch):
+    # regression: GRADHARMONY_BACKEND had no test, and a bad value raised an error that did
+    # not say it came from the environment (the caller passed backend="auto")
+    G = _G(3, 2, 5, gen, torch.float32)
+    monkeypatch.setenv("GRADHARMONY_BACKEND", "torch")
+    assert gh.harmonize(G, "pcgrad").backend == "torch"
+    assert gh.Harmonizer("sum").branch(G[:, 0].clone().requires_grad_(), 2)[0].shape == (3, 5)
+    monkeypatch.setenv("GRADHARMONY_BACKEND", "fortran")
+    with pytest.raises(ValueError, match="unknown backend 'fortran'.*GRADHARMONY_BACKEND"):
+        gh.harmonize(G, "pcgrad")
+    assert gh.harmonize(G, "pcgrad", backend="torch").backend == "torch"  # an explicit name wins
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("GRADHARMONY_BACKEND", "cuda")
+        with pytest.raises(RuntimeError, match="backend 'cuda' is not available.*GRADHARMONY_BACKEND"):
+            gh.harmonize(G, "pcgrad")
+        monkeypatch.delenv("GRADHARMONY_BACKEND")
+        with pytest.raises(RuntimeError, match="backend 'cuda' is not available") as e:
+            gh.harmonize(G, "pcgrad", backend="cuda")
+        assert "GRADHARMONY_BACKEND" not in str(e.value)
