@@ -482,6 +482,7 @@ class Trainer:
         if path is None:
             raise FileNotFoundError(f"--resume latest: no checkpoint in {self.ckpt_dir}")
         ck = load_checkpoint(path)
+        _check_resume_config(path, ck.get("config"), self.cfg.to_dict())
         self.raw_model.load_state_dict(ck["model"])
         self.optimizer.load_state_dict(ck["optimizer"])
         self.scheduler.load_state_dict(ck["scheduler"])
@@ -499,6 +500,44 @@ class Trainer:
             restore_rng(ck["rng"])
         if self.ctx.rank:  # only rank 0's RNG is saved: other ranks re-seed deterministically
             torch.manual_seed(self.cfg.train.seed + self.ctx.rank + 7919 * self.state.step)
+
+
+# Options that may differ between the run that wrote a checkpoint and the one resuming it
+# (where to run, how often to log/evaluate/save, the learning rate after a NaN stop, ...).
+# Every other model/data/harmony/train field shapes the saved state (parameters, data order,
+# LR schedule, curriculum schedule, rule state) and must match.
+RESUME_MAY_CHANGE = frozenset({
+    "data.eval_manifest", "data.eval_size",
+    "harmony.chunk_size", "harmony.backend", "harmony.nonfinite",
+    "train.lr", "train.min_lr_ratio", "train.weight_decay", "train.grad_clip", "train.device", "train.threads",
+    "train.out", "train.resume", "train.log_every", "train.eval_every", "train.ckpt_every",
+    "train.keep_checkpoints", "train.stop_after", "train.progress", "train.plots", "train.eval_batch_size",
+})
+
+
+def _check_resume_config(path: str, saved: Optional[dict[str, Any]], current: dict[str, Any]) -> None:
+    """Raise ConfigError naming the options that differ from the checkpoint's run (not loadable)."""
+    if not saved:
+        return
+    diffs = []
+    for section in ("model", "data", "harmony", "train"):
+        old, new = saved.get(section, {}), current.get(section, {})
+        for name in new:
+            key = f"{section}.{name}"
+            if key in RESUME_MAY_CHANGE or name not in old:
+                continue
+            a, b = old[name], new[name]
+            if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+                a, b = list(a), list(b)
+            if a != b:
+                diffs.append(f"{key}={b!r} (checkpoint: {old[name]!r})")
+    if diffs:
+        more = f" and {len(diffs) - 3} more" if len(diffs) > 3 else ""
+        raise ConfigError(
+            f"--resume: {path} was written by a run with other options: {'; '.join(diffs[:3])}{more}. "
+            "Resume with the options of that run (its config.json: --config <out>/config.json) "
+            "or start over with --overwrite"
+        )
 
 
 def _truncate_metrics(path: str, step: int) -> None:

@@ -112,6 +112,10 @@ def test_cli_run_on_a_manifest_then_resume_errors(tmp_path, capsys) -> None:
     assert "checkpoint not found" in capsys.readouterr().err
     # finished run resumed: nothing left to do, still exits 0
     assert main(argv + ["--resume", "latest"]) == 0
+    # regression: resuming with other model options was a load_state_dict traceback (exit 1)
+    assert main(argv + ["--resume", "latest", "--set", "model.d_model=32"]) == 2
+    err = capsys.readouterr().err
+    assert "--resume:" in err and "model.d_model=32" in err and "Traceback" not in err, err
 
 
 def test_cli_bad_manifest_exits_2(tmp_path, capsys) -> None:

@@ -59,6 +59,24 @@ def test_resume_is_bit_for_bit(tmp_path) -> None:
     assert ck["curriculum"]["step_count"] == 4 and ck["sampler"]["cursor"] > 0
 
 
+def test_resume_with_incompatible_options_names_them(tmp_path) -> None:
+    # regression: resuming with another model / method / level / batch size / step count
+    # died deep in load_state_dict with a traceback (exit 1, the NaN-loss code) or, for
+    # --method, silently loaded one rule's state into another
+    from gradharmony.vatt.config import ConfigError
+
+    Trainer(tiny_config(tmp_path, train__steps=4, train__stop_after=1)).fit()
+    for key, value in [("model__d_model", 32), ("harmony__method", "gradvac"), ("harmony__level", "parameter"),
+                       ("train__batch_size", 4), ("train__steps", 8), ("train__seed", 1)]:
+        cfg = tiny_config(tmp_path, **{"train__steps": 4, "train__resume": "latest", key: value})
+        with pytest.raises(ConfigError, match=r"--resume: .*step_00000001\.pt.*" + key.replace("__", r"\.")):
+            Trainer(cfg).fit()
+    # session options (cadence, lr after a NaN stop, threads) may change
+    cfg = tiny_config(tmp_path, train__steps=4, train__resume="latest", train__lr=1e-4, train__log_every=2,
+                      train__stop_after=1, train__threads=1, harmony__chunk_size=4)
+    assert Trainer(cfg).fit()["step"] == 2
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, capsys) -> None:
     cfg = tiny_config(tmp_path, train__steps=6, train__ckpt_every=2)
     tr = Trainer(cfg)
