@@ -364,6 +364,8 @@ def _validate(cfg: Config) -> None:
     _check(t.eval_batch_size >= 1, "train.eval_batch_size", "must be >= 1")
     _check(t.device == "cpu" or t.device.startswith("cuda") or t.device == "auto", "train.device",
            f"must be cpu, cuda, cuda:N or auto, got {t.device!r}")
+    _check(t.out is None or not os.path.exists(t.out) or os.path.isdir(t.out), "train.out",
+           f"{t.out!r} exists and is not a folder")
     if d.manifest is None:
         # the embedded data has its own eval split, and a user eval manifest needs the
         # vocabulary of a user training manifest: without --data it would be ignored

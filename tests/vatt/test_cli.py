@@ -133,3 +133,30 @@ def test_cli_missing_eval_manifest_exits_2_naming_it(tmp_path, capsys) -> None:
     assert main(tiny_argv(str(tmp_path / "run")) + ["--data", manifest, "--eval-data", missing]) == 2
     err = capsys.readouterr().err
     assert missing in err and "manifest not found" in err and "Traceback" not in err, err
+
+
+def test_out_that_is_a_file_exits_2(tmp_path, capsys) -> None:
+    # regression: --out naming an existing file was a FileExistsError traceback (exit 1)
+    f = tmp_path / "afile"
+    f.write_text("x")
+    assert main(tiny_argv(str(f))) == 2
+    err = capsys.readouterr().err
+    assert "train.out" in err and "is not a folder" in err and "Traceback" not in err, err
+
+
+def test_unreadable_or_foreign_checkpoint_exits_2(tmp_path, capsys) -> None:
+    # regression: a corrupt checkpoint or a plain state dict given to --resume was an
+    # UnpicklingError / KeyError traceback (exit 1, the NaN-loss code)
+    import torch
+
+    out = tmp_path / "run"
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "checkpoints" / "step_00000003.pt").write_bytes(b"junk")
+    assert main(tiny_argv(str(out)) + ["--resume", "latest"]) == 2
+    err = capsys.readouterr().err
+    assert "step_00000003.pt: not a readable checkpoint" in err and "Traceback" not in err, err
+    sd = tmp_path / "weights.pt"
+    torch.save({"model": {}}, str(sd))
+    assert main(tiny_argv(str(tmp_path / "run2")) + ["--resume", str(sd)]) == 2
+    err = capsys.readouterr().err
+    assert "weights.pt: not a gradharmony-pretrain checkpoint (missing optimizer" in err, err
