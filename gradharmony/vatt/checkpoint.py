@@ -70,7 +70,22 @@ def find_latest(folder: str) -> Optional[str]:
     return ckpts[-1] if ckpts else None
 
 
+#: What :meth:`Trainer.resume` reads from a checkpoint.
+REQUIRED_KEYS = ("model", "optimizer", "scheduler", "harmony", "curriculum", "rng", "sampler", "tracker",
+                 "meter", "train_state")
+
+
 def load_checkpoint(path: str) -> dict[str, Any]:
+    """Load a trainer checkpoint; a missing, unreadable or foreign file raises naming it."""
+    from .config import ConfigError
+
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--resume: checkpoint not found: {path}")
-    return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # truncated / not a torch file: a bad --resume, not a crash
+        raise ConfigError(f"--resume: {path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
+    missing = [k for k in REQUIRED_KEYS if not isinstance(ck, dict) or k not in ck]
+    if missing:
+        raise ConfigError(f"--resume: {path}: not a gradharmony-pretrain checkpoint (missing {', '.join(missing)})")
+    return ck
