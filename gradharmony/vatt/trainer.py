@@ -476,6 +476,30 @@ class Trainer:
         barrier(self.ctx)
         return path
 
+    def _apply_resumed_hyperparameters(self) -> None:
+        """This run's --lr and weight decay over the ones in the loaded optimizer/scheduler state.
+
+        ``load_state_dict`` restores the saved peak LR (scheduler ``base_lrs``, the groups'
+        ``initial_lr``) and weight decay, which would silently ignore a lower ``--lr`` given to
+        continue after a NaN stop. Unchanged values are left alone (bit-for-bit resume).
+        """
+        t = self.cfg.train
+        groups = self.optimizer.param_groups
+        changed = False
+        for i, g in enumerate(groups):
+            if self.scheduler.base_lrs[i] != t.lr:
+                old = self.scheduler.base_lrs[i]
+                self.scheduler.base_lrs[i] = t.lr
+                g["initial_lr"] = t.lr
+                g["lr"] = t.lr * warmup_cosine(self.scheduler.last_epoch, t.warmup_steps, t.steps, t.min_lr_ratio)
+                changed = True
+                if self.ctx.is_main and i == 0:
+                    print(f"--resume: peak lr {old:g} -> {t.lr:g} (this run's --lr)", flush=True)
+            if g.get("weight_decay") != t.weight_decay:
+                g["weight_decay"] = t.weight_decay
+        if changed:
+            self.scheduler._last_lr = [g["lr"] for g in groups]
+
     def resume(self, spec: str) -> None:
         """Load ``latest`` (highest step in ``<out>/checkpoints``) or a checkpoint path."""
         path = find_latest(self.ckpt_dir) if spec == "latest" else spec
@@ -486,6 +510,7 @@ class Trainer:
         self.raw_model.load_state_dict(ck["model"])
         self.optimizer.load_state_dict(ck["optimizer"])
         self.scheduler.load_state_dict(ck["scheduler"])
+        self._apply_resumed_hyperparameters()
         harmony = self.harmonizer or self.hopt
         if harmony is not None and ck["harmony"] is not None:
             harmony.load_state_dict(ck["harmony"])

@@ -77,6 +77,21 @@ def test_resume_with_incompatible_options_names_them(tmp_path) -> None:
     assert Trainer(cfg).fit()["step"] == 2
 
 
+def test_resume_with_a_lower_lr_uses_it(tmp_path) -> None:
+    # regression: the advice after a NaN stop is "--resume latest with a lower --lr", but
+    # optimizer/scheduler load_state_dict restored the saved peak lr and ignored the new one
+    Trainer(tiny_config(tmp_path, train__steps=4, train__stop_after=2)).fit()
+    tr = Trainer(tiny_config(tmp_path, train__steps=4, train__resume="latest", train__lr=1e-5,
+                             train__weight_decay=0.01, train__stop_after=1))
+    tr.fit()
+    assert tr.scheduler.base_lrs == [1e-5]
+    g = tr.optimizer.param_groups[0]
+    assert g["initial_lr"] == 1e-5 and g["weight_decay"] == 0.01 and 0 < g["lr"] <= 1e-5
+    assert tr.scheduler.get_last_lr() == [g["lr"]]
+    lrs = [r["train/lr"] for r in read_metrics(str(tmp_path)) if "train/lr" in r]
+    assert lrs[-1] == g["lr"] and lrs[0] > 1e-5  # the first session ran at the preset lr
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, capsys) -> None:
     cfg = tiny_config(tmp_path, train__steps=6, train__ckpt_every=2)
     tr = Trainer(cfg)
