@@ -11,7 +11,7 @@ import sys
 import torch
 
 from . import __version__
-from .engine.backends import PREFERENCE, available_backends
+from .engine.backends import PREFERENCE, available_backends, select_backend
 
 
 def report() -> str:
@@ -25,6 +25,14 @@ def report() -> str:
     ]
     for name, status in available_backends().items():
         lines.append(f"  {name:7s} {status}")
+    forced = os.environ.get("GRADHARMONY_BACKEND", "")
+    if forced and forced != "auto":
+        try:
+            select_backend("auto", torch.zeros(1, 2, 1))
+            lines.append(f"auto: forced to {forced!r} by GRADHARMONY_BACKEND")
+        except (ValueError, RuntimeError) as e:  # what every backend="auto" call will raise
+            lines.append(f"auto: GRADHARMONY_BACKEND is unusable here, backend='auto' calls raise: {e}")
+        return "\n".join(lines)
     for dev, prefs in PREFERENCE.items():
         lines.append(f"auto on {dev}: first live of {', '.join(prefs)}")
     return "\n".join(lines)

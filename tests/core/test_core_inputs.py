@@ -209,3 +209,17 @@ def test_env_backend_is_honoured_and_named_in_errors(gen, monkeypatch):
         with pytest.raises(RuntimeError, match="backend 'cuda' is not available") as e:
             gh.harmonize(G, "pcgrad", backend="cuda")
         assert "GRADHARMONY_BACKEND" not in str(e.value)
+
+
+def test_info_reports_a_forced_backend(monkeypatch):
+    # regression: with GRADHARMONY_BACKEND set, `python -m gradharmony.info` still printed the
+    # auto preference lists as if nothing were forced, even for an unknown name
+    from gradharmony.info import report
+
+    monkeypatch.delenv("GRADHARMONY_BACKEND", raising=False)
+    assert "auto on cpu: first live of cpp, torch" in report()
+    monkeypatch.setenv("GRADHARMONY_BACKEND", "torch")
+    text = report()
+    assert "auto: forced to 'torch' by GRADHARMONY_BACKEND" in text and "auto on cpu" not in text
+    monkeypatch.setenv("GRADHARMONY_BACKEND", "fortran")
+    assert "GRADHARMONY_BACKEND is unusable here" in report() and "unknown backend 'fortran'" in report()
