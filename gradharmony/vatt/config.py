@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import os
 import types
 import typing
@@ -293,9 +294,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return int(f)
     if tp is float:
         try:
-            return float(value)
+            f = float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+        if not math.isfinite(f):  # no option means anything at inf/nan (e.g. --lr inf: NaN at step 1)
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+        return f
     if tp is str:
         if not isinstance(value, (str, int, float)):
             raise ConfigError(f"{key}: expected a string, got {value!r}")

@@ -29,6 +29,9 @@ from .test_data import make_clips, write_jsonl
     (["--level", "none", "--curriculum", "fraction"], "--curriculum (harmony.curriculum): needs harmony.level"),
     # regression: --eval-data without --data was silently ignored (a full run, exit 0)
     (["--eval-data", "/nonexistent.jsonl"], "--eval-data (data.eval_manifest): needs data.manifest (--data)"),
+    # regression: inf passed every range check (--lr inf ran and died with a NaN loss, exit 1)
+    (["--lr", "inf"], "--lr (train.lr): expected a finite number, got 'inf'"),
+    (["--set", "model.temperature=inf"], "model.temperature: expected a finite number"),
 ])
 def test_bad_options_exit_2_naming_the_option(argv: list[str], message: str, capsys) -> None:
     assert main(argv + ["--print-config"]) == 2
