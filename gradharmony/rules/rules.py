@@ -162,28 +162,35 @@ class GradVac(_Ordered):
                     f"GradVac state is for K={self.phi_hat.shape[0]} losses but got K={K}; "
                     "call reset() to start over"
                 )
-            self.phi_hat = torch.zeros(K, K, dtype=torch.float64)
-        return self.phi_hat.to(device)
+            self.phi_hat = torch.zeros(K, K, dtype=torch.float64, device=device)
+        if self.phi_hat.device != device:  # the state follows the gradients' device
+            self.phi_hat = self.phi_hat.to(device)
+        return self.phi_hat
 
     def update(self, cos: Tensor, phi: Optional[Tensor], sample_mask: Optional[Tensor]) -> None:
+        """EMA step on the device of ``phi``, without a host sync (masked mean)."""
         if phi is None or phi.shape[0] == 0:
             return
-        if sample_mask is not None:
-            phi = phi[sample_mask]
-            if phi.shape[0] == 0:
-                return
-        mean_phi = phi.to(torch.float64).mean(0).cpu()
         assert self.phi_hat is not None
-        eye = torch.eye(self.phi_hat.shape[0], dtype=torch.bool)
-        new = (1 - self.beta) * self.phi_hat + self.beta * mean_phi
-        self.phi_hat = torch.where(eye, self.phi_hat, new)
+        phi = phi.to(torch.float64)
+        if sample_mask is None:
+            mask = torch.ones(phi.shape[0], dtype=torch.float64, device=phi.device)
+        else:
+            mask = sample_mask.to(device=phi.device, dtype=torch.float64)
+        count = mask.sum()
+        mean_phi = (phi * mask[:, None, None]).sum(0) / count.clamp_min(1)
+        hat = self.phi_hat.to(phi.device)
+        eye = torch.eye(hat.shape[0], dtype=torch.bool, device=phi.device)
+        new = (1 - self.beta) * hat + self.beta * mean_phi
+        # no sample took part: keep the target as it was
+        self.phi_hat = torch.where(eye | (count == 0), hat, new)
 
     def reset(self) -> None:
         self.phi_hat = None
 
     def state_dict(self) -> dict[str, Any]:
         st = super().state_dict()
-        st.update(beta=self.beta, phi_hat=self.phi_hat)
+        st.update(beta=self.beta, phi_hat=None if self.phi_hat is None else self.phi_hat.cpu())
         return st
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

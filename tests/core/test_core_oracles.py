@@ -251,3 +251,16 @@ def test_mgda_origin_in_hull(K, D, dtype, gen):
     close(res.grad[0], torch.zeros(D, dtype=F64), 1e-9 if dtype == F64 else 1e-5, scale=K * scale,
           msg=f"mgda K={K} D={D}: min-norm point should be 0")
     assert O.min_norm_point(g).norm() <= 1e-9 * scale
+
+
+def test_gradvac_update_masked_mean_on_device():
+    """The EMA moves by the mean over the samples that took part; none taking part leaves it."""
+    rule = gh.GradVac(beta=0.5, order="fixed")
+    target = rule.target(2, torch.device("cpu")).clone()
+    phi = torch.tensor([[[0.0, 0.2], [0.4, 0.0]], [[0.0, 0.8], [-0.6, 0.0]]], dtype=F64)
+    rule.update(None, phi, torch.tensor([False, False]))
+    assert torch.equal(rule.phi_hat, target), "no sample took part, the target must not move"
+    rule.update(None, phi, torch.tensor([False, True]))
+    expect = torch.tensor([[0.0, 0.4], [-0.3, 0.0]], dtype=F64)
+    torch.testing.assert_close(rule.phi_hat, expect)
+    assert rule.state_dict()["phi_hat"].device.type == "cpu"
