@@ -8,16 +8,18 @@ For each size (B, K, D) and dtype it times, side by side in one process:
 - ``reference``: the vectorized pure-PyTorch reference op (``engine.reference.fused``);
 - ``compiled``: ``torch.compile`` of that reference;
 - ``loop``: a per-sample Python loop in the style of the popular PCGrad wrappers;
-- ``torchjd``: torchjd's PCGrad weighting applied per sample, then combined (it visits
-  in a random order, so its output is only checked for K = 2).
+- ``torchjd``: torchjd's PCGrad weighting applied per sample, then combined, plus the
+  cosines from one batched Gram product (torchjd visits in a random order, so for K > 2 its
+  output is reported as unchecked).
 
 All gradharmony candidates and the loop use the fixed visiting order 0..K-1.
 
 It reports the median and 20th/80th percentiles, the speed-up over ``reference``, the
-time of one read of G at the measured copy bandwidth, and peak extra memory. Each
-candidate's output is checked against the reference before it is timed.
-Results go to ``bench/results/harmonize_<device>.{json,md}`` with device, torch
-version and commit.
+time of one read of G at the measured copy bandwidth, and peak extra memory (CUDA
+allocator on GPU, the CPU allocator's events under the profiler on CPU). Each
+candidate's combined gradient and cosines are checked against the reference before it
+is timed. Results go to ``bench/results/harmonize_<device>.{json,md}`` (rewritten after
+every size) with device, torch version and commit ($GH_COMMIT where the tree has no .git).
 
     python bench/bench_harmonize.py              # default sizes for the device
     python bench/bench_harmonize.py --quick      # a small subset
@@ -32,6 +34,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -51,6 +54,8 @@ SLOW_MAX_ELEMS = 1 << 22  # the loop / torchjd baselines only up to this many el
 
 
 def git_commit() -> str:
+    if os.environ.get("GH_COMMIT"):
+        return os.environ["GH_COMMIT"]
     try:
         return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
                                        stderr=subprocess.DEVNULL, text=True).strip()
@@ -95,7 +100,9 @@ def time_fn(fn: Callable[[], object], dev: torch.device, reps: int, warmup: int 
 
 
 class PeakMemory:
-    """Peak extra memory of a block: CUDA allocator on GPU, VmHWM (reset via clear_refs) on CPU."""
+    """Peak extra memory of a block: CUDA allocator on GPU; on CPU, the running sum of the
+    CPU allocator's allocation/free events recorded by the profiler (VmHWM misses memory
+    that malloc reuses from pages already resident, i.e. everything after a warm-up)."""
 
     def __init__(self, dev: torch.device) -> None:
         self.dev = dev
@@ -107,26 +114,33 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.dev)
             self.base = torch.cuda.memory_allocated(self.dev)
         else:
-            try:
-                Path("/proc/self/clear_refs").write_text("5")
-                self.base = self._status("VmRSS")
-            except OSError:
-                self.base = None
-        return self
+            from torch.profiler import ProfilerActivity, profile
 
-    @staticmethod
-    def _status(key: str) -> int:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-        raise OSError(key)
+            self.prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+            self.prof.__enter__()
+        return self
 
     def __exit__(self, *exc) -> None:
         if self.dev.type == "cuda":
             torch.cuda.synchronize(self.dev)
             self.peak_mb = (torch.cuda.max_memory_allocated(self.dev) - self.base) / 2**20
-        elif self.base is not None:
-            self.peak_mb = max(0, self._status("VmHWM") - self.base) / 2**20
+            return
+        self.prof.__exit__(*exc)
+        try:
+            fd, path = tempfile.mkstemp(suffix=".json")
+            os.close(fd)
+            self.prof.export_chrome_trace(path)
+            events = json.loads(Path(path).read_text())["traceEvents"]
+            os.unlink(path)
+            deltas = [(e["ts"], e["args"]["Bytes"]) for e in events
+                      if e.get("name") == "[memory]" and e.get("args", {}).get("Device Type", 0) == 0]
+            cur = peak = 0
+            for _, nbytes in sorted(deltas):
+                cur += nbytes
+                peak = max(peak, cur)
+            self.peak_mb = peak / 2**20
+        except Exception:  # no kineto trace: report no figure rather than a wrong one
+            self.peak_mb = None
 
 
 def pcgrad_loop(G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -155,13 +169,17 @@ def make_torchjd() -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
         return None
     agg = PCGrad()
 
-    def run(G: torch.Tensor) -> torch.Tensor:
-        return torch.stack([agg(G[b]) for b in range(G.shape[0])])
+    def run(G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = torch.stack([agg(G[b]) for b in range(G.shape[0])])
+        M = torch.bmm(G, G.transpose(1, 2))  # cosines the cheap way: from the Gram matrices
+        n = M.diagonal(dim1=1, dim2=2).sqrt().clamp_min(1e-30)
+        return out, M / (n.unsqueeze(2) * n.unsqueeze(1))
 
     return run
 
 
 def candidates(dev: torch.device, dtype: torch.dtype, numel: int, compile_ok: bool) -> dict[str, Callable]:
+    """name -> fn(G) returning (combined gradients (B, D), cosines (B, K, K))."""
     c: dict[str, Callable] = {}
     for name, status in available_backends().items():
         if status != "available":
@@ -170,14 +188,21 @@ def candidates(dev: torch.device, dtype: torch.dtype, numel: int, compile_ok: bo
         probe = torch.empty(1, 2, 1, device=dev, dtype=dtype)
         if not be.supports(probe):
             continue
-        rule = gh.PCGrad(order="fixed")
-        c[f"gh[{name}]"] = (lambda n: lambda G: gh.harmonize(G, rule, backend=n).grad)(name)
-    c["reference"] = lambda G: reference.fused(G, 1)[0]
+
+        def gh_fn(G: torch.Tensor, n: str = name, rule=gh.PCGrad(order="fixed")):
+            r = gh.harmonize(G, rule, backend=n)
+            return r.grad, r.cos
+
+        c[f"gh[{name}]"] = gh_fn
+    c["reference"] = lambda G: (lambda o: (o[0], o[2]))(reference.fused(G, 1))
     if compile_ok:
+        # fresh dynamo caches: past config.recompile_limit (8) shapes/dtypes of the same code
+        # object, torch.compile silently runs it eagerly and "compiled" would time the reference
+        torch._dynamo.reset()
         comp = torch.compile(reference.fused, dynamic=False)
-        c["compiled"] = lambda G: comp(G, 1)[0]
+        c["compiled"] = lambda G: (lambda o: (o[0], o[2]))(comp(G, 1))
     if dev.type == "cuda" or numel <= SLOW_MAX_ELEMS:
-        c["loop"] = lambda G: pcgrad_loop(G)[0]
+        c["loop"] = pcgrad_loop
         tjd = make_torchjd()
         if tjd is not None:
             c["torchjd"] = tjd
@@ -198,21 +223,27 @@ def run_size(B: int, K: int, D: int, dtype: torch.dtype, dev: torch.device, bw: 
     torch.manual_seed(B * 131 + K * 7 + D)
     G = torch.randn(B, K, D, device=dev, dtype=dtype)
     G[:, 1] -= 0.5 * G[:, 0]  # make conflicts common
-    ref = reference.fused(G, 1)[0].float()
+    ref_o = reference.fused(G, 1)
+    ref, ref_cos = ref_o[0].float(), ref_o[2].float()
     one_read_ms = G.numel() * G.element_size() / (bw / 2 * 1e9) * 1e3  # read only: half of copy bytes
     rows = []
     for name, fn in candidates(dev, dtype, G.numel(), compile_ok).items():
         try:
-            out = fn(G).float()
-            err = float((out - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
-            ok = err < (1e-4 if dtype == torch.float32 else 2e-2) or (name == "torchjd" and K > 2)
+            out, cos = fn(G)
+            err = float((out.float() - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
+            cos_err = float((cos.float() - ref_cos).abs().max())
+            tol = 1e-4 if dtype == torch.float32 else 2e-2
+            # torchjd visits in a random order: for K > 2 its output cannot be checked (None)
+            ok = None if (name == "torchjd" and K > 2 and cos_err < tol) else (err < tol and cos_err < tol)
             slow = name in ("loop", "torchjd")
             with PeakMemory(dev) as pm:
                 fn(G)
             t = time_fn(lambda: fn(G), dev, reps=max(5, reps // 10) if slow else reps,
                         warmup=1 if slow else 3, budget_s=4.0 if slow else 8.0)
-        except Exception as exc:  # a baseline that cannot run at this size is reported, not fatal
-            rows.append(dict(size=f"{B}x{K}x{D}", impl=name, error=f"{type(exc).__name__}: {exc}"[:200]))
+        except Exception as exc:  # a baseline that cannot run at this size is reported, not fatal;
+            # a gradharmony backend that raises fails the run (correct=False)
+            rows.append(dict(size=f"{B}x{K}x{D}", impl=name, error=f"{type(exc).__name__}: {exc}"[:200],
+                             correct=False if name.startswith("gh[") else None))
             continue
         q = statistics.quantiles(t, n=10) if len(t) >= 2 else [t[0]] * 9
         rows.append(dict(
@@ -220,13 +251,16 @@ def run_size(B: int, K: int, D: int, dtype: torch.dtype, dev: torch.device, bw: 
             median_ms=statistics.median(t), p20_ms=q[1], p80_ms=q[7], n=len(t),
             one_read_ms=one_read_ms, x_one_read=statistics.median(t) / one_read_ms,
             peak_extra_mb=pm.peak_mb, input_mb=G.numel() * G.element_size() / 2**20,
-            max_rel_err=err, correct=ok, device=dname, torch=torch.__version__, commit=commit,
+            max_rel_err=err, max_cos_err=cos_err, correct=ok, device=dname, torch=torch.__version__, commit=commit,
         ))
     base = next((r["median_ms"] for r in rows if r.get("impl") == "reference" and "median_ms" in r), None)
     for r in rows:
         if base and "median_ms" in r:
             r["speedup_vs_reference"] = base / r["median_ms"]
     return rows
+
+
+OK_TEXT = {True: "yes", False: "NO", None: "unchecked"}
 
 
 def to_markdown(rows: list[dict], meta: dict) -> str:
@@ -248,7 +282,7 @@ def to_markdown(rows: list[dict], meta: dict) -> str:
         lines.append(
             f"| {r['size']} | {r['dtype']} | {r['impl']} | {r['median_ms']:.4f} | {r['p20_ms']:.4f} | "
             f"{r['p80_ms']:.4f} | {r.get('speedup_vs_reference', float('nan')):.2f} | {r['x_one_read']:.2f} | "
-            f"{pk} | {r['input_mb']:.1f} | {'yes' if r['correct'] else 'NO'} |"
+            f"{pk} | {r['input_mb']:.1f} | {OK_TEXT[r['correct']]} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -284,6 +318,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                 backends=available_backends(), python=sys.version.split()[0])
     print(f"# {dname} | torch {torch.__version__} | commit {commit} | copy {bw:.0f} GB/s")
     print(f"# backends: {meta['backends']}")
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tag = a.tag or dev.type
     rows: list[dict] = []
     for dtype in dtypes:
         for (B, K, D) in sizes:
@@ -297,14 +334,12 @@ def main(argv: Optional[list[str]] = None) -> int:
                           f"[{x['p20_ms']:.4f}, {x['p80_ms']:.4f}]  x{x.get('speedup_vs_reference', 0):6.2f} "
                           f"vs ref  {x['x_one_read']:7.2f}x read  "
                           f"peak+{x['peak_extra_mb'] if x['peak_extra_mb'] is not None else float('nan'):.1f} MiB"
-                          f"{'' if x['correct'] else '  MISMATCH err=%.2e' % x['max_rel_err']}")
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    tag = a.tag or dev.type
-    (out / f"harmonize_{tag}.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
-    (out / f"harmonize_{tag}.md").write_text(to_markdown(rows, meta))
+                          f"{'' if x['correct'] is not False else '  MISMATCH err=%.2e cos err=%.2e' % (x['max_rel_err'], x['max_cos_err'])}")
+            # rewritten after every size: a run killed by a timeout keeps what it measured
+            (out / f"harmonize_{tag}.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+            (out / f"harmonize_{tag}.md").write_text(to_markdown(rows, meta))
     print(f"wrote {out / f'harmonize_{tag}.md'}")
-    return 0 if all(r.get("correct", True) for r in rows) else 1
+    return 0 if all(r.get("correct") is not False for r in rows) else 1
 
 
 if __name__ == "__main__":

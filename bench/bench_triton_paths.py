@@ -40,15 +40,18 @@ def _benchmark(full: bool = False) -> None:
 
     
 
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
-        ).stdout.strip()
+    import os
+
+    try:  # $GH_COMMIT where the tree was copied without .git
+        commit = os.environ.get("GH_COMMIT") or subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False,
+            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        ).stdout.strip() or "?"
     except Exception:
         commit = "?"
     dev = torch.cuda.get_device_name()
     print(f"# {dev} torch {torch.__version__} triton {triton.__version__} commit {commit}")
-    print("size, dtype, method, reduction, path, median_ms, p20_ms, p80_ms, ref_ms, x_2reads")
+    print("size, dtype, method, reduction, path, median_ms, p20_ms, p80_ms, ref_ms, x_2reads, max_rel_err")
     sizes = [(256, 2, 1024), (256, 3, 1024), (1024, 2, 4096), (64, 2, 1 << 20), (256, 2, 1 << 20), (256, 3, 1 << 20)]
     dtypes = (torch.float32, torch.bfloat16) if full else (torch.float32,)
     methods = (0, 1, 2) if full else (1,)
@@ -62,12 +65,18 @@ def _benchmark(full: bool = False) -> None:
                 tgt = target if method == 2 else None
                 for reduction in ("none", "sum"):
                     ref_ms = _bench_ms(lambda: reference.fused(G, method, order, tgt, None, reduction), reps=5, inner=2)[0]
+                    ref = reference.fused(G, method, order, tgt, None, reduction)
                     paths = ["auto"] + (["small", "large"] if full and K * D * G.element_size() <= 1 << 16 else [])
                     for path in paths:
+                        # checked against the reference before timing: out (relative) and cosines
+                        o = fused_forward(G, method, order, tgt, None, reduction, path)
+                        err = max(float((o[0].float() - ref[0].float()).abs().max()
+                                        / ref[0].float().abs().max().clamp_min(1e-30)),
+                                  float((o[2].float() - ref[2].float()).abs().max()))
                         med, p20, p80 = _bench_ms(lambda: fused_forward(G, method, order, tgt, None, reduction, path))
                         print(
                             f"{B}x{K}x{D}, {str(dtype)[6:]}, {method}, {reduction}, {path}, "
-                            f"{med:.4f}, {p20:.4f}, {p80:.4f}, {ref_ms:.4f}, {med / copy_ms:.2f}",
+                            f"{med:.4f}, {p20:.4f}, {p80:.4f}, {ref_ms:.4f}, {med / copy_ms:.2f}, {err:.1e}",
                             flush=True,
                         )
             del G

@@ -1,30 +1,53 @@
 #!/usr/bin/env bash
-# One prepared GPU run: build the extension, run the GPU tests, run the benchmarks.
+# The prepared GPU run: build the extension, run the GPU tests, run the benchmarks.
 # Results land in $OUT (default bench/results/gpu_run): run.log plus the benchmark files.
-#   OUT=/tmp/out bash bench/gpu_check.sh
+#
+#   OUT=/tmp/out GH_COMMIT=$(git rev-parse --short HEAD) bash bench/gpu_check.sh [STAGE]
+#
+# STAGE: "test" (build + GPU tests, about 5 min on an H100 with a cold Triton cache),
+# "bench" (build if needed + the three benchmarks, about 5 min), or "all" (default; both,
+# more than one 600 s device command may take: run the two stages as two commands).
+# GH_COMMIT: the commit the result files name where the copied tree has no .git.
 # Optional: a folder .whl/ of extra wheels (e.g. torchjd, for the torchjd baseline) is
-# installed into /tmp/site first. Needs about 8 minutes on an H100.
+# installed into /tmp/site first. Nothing here uses the network.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+STAGE=${1:-all}
+case "$STAGE" in all|test|bench) ;; *) echo "usage: $0 [all|test|bench]" >&2; exit 2 ;; esac
 OUT=${OUT:-bench/results/gpu_run}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 GRADHARMONY_CUDA_ARCHS=${GRADHARMONY_CUDA_ARCHS:-90} MAX_JOBS=${MAX_JOBS:-16}
+export GH_COMMIT=${GH_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 log() { echo "[$(date +%T)] $*" | tee -a "$OUT/run.log"; }
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site
 fi
-log "$(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader) | commit $(git rev-parse --short HEAD 2>/dev/null)"
-log "build"
-GRADHARMONY_FORCE_CUDA=1 python3 -m pip install --no-deps --no-build-isolation -e . >>"$OUT/run.log" 2>&1 || log "BUILD FAILED"
+log "stage $STAGE | $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader) | commit $GH_COMMIT"
+
+# build unless this machine already holds a CUDA build of the extension (a warm rerun)
+if python3 -c "import torch, gradharmony._C; torch.ops.gradharmony.fused(torch.randn(1, 2, 3, device='cuda'), 1, None, None, None, 0)" >/dev/null 2>&1; then
+  log "extension already built with CUDA"
+else
+  log "build"
+  GRADHARMONY_FORCE_CUDA=1 python3 -m pip install --no-index --no-deps --no-build-isolation -e . >>"$OUT/run.log" 2>&1 || log "BUILD FAILED"
+fi
 python3 -m gradharmony.info 2>&1 | tee -a "$OUT/run.log"
-log "gpu tests"
-timeout 240 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_ext.py tests/test_triton.py 2>&1 | tail -15 | tee -a "$OUT/run.log"
-log "harmonize benchmark float32"
-timeout 300 python3 bench/bench_harmonize.py --dtypes float32 --reps 100 --out "$OUT" --tag cuda 2>&1 | tee -a "$OUT/run.log"
-log "harmonize benchmark bfloat16"
-timeout 120 python3 bench/bench_harmonize.py --dtypes bfloat16 --no-compile --reps 100 --out "$OUT" --tag cuda_bf16 \
-  --sizes 256x2x1024,1024x2x4096,64x2x1048576,256x2x1048576 2>&1 | tee -a "$OUT/run.log"
-log "train step benchmark"
-timeout 150 python3 bench/bench_train_step.py --devices cuda --out "$OUT" 2>&1 | tail -12 | tee -a "$OUT/run.log"
+
+if [ "$STAGE" != bench ]; then
+  log "gpu tests"
+  timeout 300 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_ext.py tests/test_triton.py 2>&1 \
+    | tee "$OUT/gpu_tests.log" | tail -15 | tee -a "$OUT/run.log"
+fi
+if [ "$STAGE" != test ]; then
+  log "harmonize benchmark float32"
+  timeout 200 python3 bench/bench_harmonize.py --dtypes float32 --reps 100 --out "$OUT" --tag cuda 2>&1 | tee -a "$OUT/run.log"
+  log "harmonize benchmark bfloat16"
+  timeout 60 python3 bench/bench_harmonize.py --dtypes bfloat16 --no-compile --reps 100 --out "$OUT" --tag cuda_bf16 \
+    --sizes 256x2x1024,1024x2x4096,64x2x1048576,256x2x1048576 2>&1 | tee -a "$OUT/run.log"
+  log "triton paths"
+  timeout 60 python3 bench/bench_triton_paths.py 2>&1 | tee "$OUT/triton_paths.log" | tail -40 >>"$OUT/run.log"
+  log "train step benchmark"
+  timeout 120 python3 bench/bench_train_step.py --devices cuda --out "$OUT" 2>&1 | tail -12 | tee -a "$OUT/run.log"
+fi
 log "done"
