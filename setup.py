@@ -11,8 +11,9 @@ Environment knobs (all optional; defaults in brackets):
   JIT-compiled on first use by ``gradharmony.kernels.ext`` (unless ``GRADHARMONY_NO_JIT=1``).
 - ``GRADHARMONY_FORCE_CUDA=1`` [unset] the CUDA kernels are required: a missing nvcc, a CPU-only
   torch or a failed build is an error instead of a warning.
-- ``GRADHARMONY_CUDA_ARCHS``   ["80;90"] semicolon-separated SM architectures for nvcc
-  (e.g. "90" or "80;86;90"); "+PTX" suffixes are accepted ("90+PTX").
+- ``GRADHARMONY_CUDA_ARCHS``   ["80;90+PTX"] semicolon-separated SM architectures for nvcc
+  (e.g. "90" or "80;86;90"); "+PTX" suffixes are accepted ("90+PTX"); the default's PTX lets
+  GPUs newer than sm_90 (Blackwell) JIT the kernels instead of failing with "no kernel image".
 - ``MAX_JOBS``                 [cores, at most 8] parallel compile jobs (used by ninja).
 
 The CUDA sources are built only when torch is a CUDA build (``torch.version.cuda``) and nvcc is
@@ -56,7 +57,7 @@ class BuildPyWithSources(build_py):
 
 
 def _cuda_archs() -> list[str]:
-    archs = os.environ.get("GRADHARMONY_CUDA_ARCHS", "80;90")
+    archs = os.environ.get("GRADHARMONY_CUDA_ARCHS", "80;90+PTX")
     flags = []
     for a in filter(None, (x.strip() for x in archs.replace(",", ";").split(";"))):
         ptx = a.endswith("+PTX")

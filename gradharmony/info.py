@@ -25,6 +25,10 @@ def report() -> str:
     ]
     for name, status in available_backends().items():
         lines.append(f"  {name:7s} {status}")
+    from .kernels import ext
+
+    if ext.ops_source():  # prebuilt gradharmony._C, or JIT-compiled into torch's extension cache
+        lines.append(f"C++/CUDA ops: {ext.ops_source()} ({ext.ops_path()})")
     forced = os.environ.get("GRADHARMONY_BACKEND", "")
     if forced and forced != "auto":
         try:

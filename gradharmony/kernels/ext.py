@@ -2,9 +2,10 @@
 
 The ops (schemas in ``csrc/ops.cpp``, semantics of :mod:`gradharmony.engine.reference`) come
 from the prebuilt module ``gradharmony._C`` (``pip install --no-build-isolation .``) or, failing
-that, are JIT-compiled once with :func:`torch.utils.cpp_extension.load` into torch's extension
-cache (set ``GRADHARMONY_NO_JIT=1`` to forbid that). CUDA sources are JIT-compiled only when a
-GPU, a CUDA torch and nvcc are all present.
+that, are JIT-compiled once with :func:`torch.utils.cpp_extension.load` (needs a C++ compiler
+and ninja) into torch's extension cache, ``$TORCH_EXTENSIONS_DIR`` (default
+``~/.cache/torch_extensions``); set ``GRADHARMONY_NO_JIT=1`` to forbid that. CUDA sources are
+JIT-compiled only when a GPU, a CUDA torch and nvcc are all present.
 
 Raw ops (``reduction``: 0 = "none", 1 = "sum"; ``method``: 0 sum, 1 pcgrad, 2 gradvac)::
 
@@ -23,19 +24,21 @@ Example::
 from __future__ import annotations
 
 import os
+import shlex
+import shutil
 import threading
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-__all__ = ["load_ops", "ops_source", "source_dir", "CppBackend", "CudaBackend", "REDUCTION_IDS"]
+__all__ = ["load_ops", "ops_source", "ops_path", "source_dir", "CppBackend", "CudaBackend", "REDUCTION_IDS"]
 
 REDUCTION_IDS = {"none": 0, "sum": 1}
 _OP_NAMES = ("gram", "combine", "fused")
 
 _lock = threading.Lock()
-_state: dict = {"source": None, "error": None}
+_state: dict = {"source": None, "error": None, "path": None}
 
 
 def source_dir() -> Optional[str]:
@@ -79,6 +82,10 @@ def _jit_load() -> str:
     src = source_dir()
     if src is None:
         raise RuntimeError("gradharmony: C++ sources not found (neither gradharmony/_csrc nor csrc/)")
+    # a missing compiler: say so, rather than torch's "compiler not compatible" log + ninja output
+    cxx = (shlex.split(os.environ.get("CXX", "")) or ["c++"])[0]
+    if shutil.which(cxx) is None:
+        raise RuntimeError(f"no C++ compiler: {cxx!r} not found (install g++ or set CXX)")
     sources = [os.path.join(src, "ops.cpp"), os.path.join(src, "harmonize_cpu.cpp")]
     cu = os.path.join(src, "harmonize_cuda.cu")
     with_cuda = (
@@ -101,6 +108,9 @@ def _jit_load() -> str:
         verbose=os.environ.get("GRADHARMONY_VERBOSE_BUILD", "") == "1",
         **kwargs,
     )
+    _state["path"] = next(
+        (p for p in torch.ops.loaded_libraries if os.path.basename(p).startswith(name)), None
+    )
     return "jit" + ("+cuda" if with_cuda else "")
 
 
@@ -119,7 +129,7 @@ def load_ops() -> str:
         try:
             from .. import _C  # noqa: F401  (registers the ops)
 
-            _state["source"] = "prebuilt"
+            _state["source"], _state["path"] = "prebuilt", _C.__file__
         except ImportError as exc:
             reasons.append(f"prebuilt gradharmony._C not importable ({exc})")
         if _state["source"] is None:
@@ -140,6 +150,12 @@ def load_ops() -> str:
 def ops_source() -> Optional[str]:
     """How the ops were loaded (``None`` if :func:`load_ops` has not succeeded)."""
     return _state["source"]
+
+
+def ops_path() -> Optional[str]:
+    """The loaded library: ``gradharmony/_C*.so`` or the JIT build in torch's extension cache
+    (``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``)."""
+    return _state["path"]
 
 
 class _ExtBackend:
