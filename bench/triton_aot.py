@@ -14,7 +14,7 @@ driver that reports the target architecture. Each compiled specialization is the
 
 Exit status 1 when a specialization fails to compile or exceeds a limit (spills are reported,
 and fail only with ``--no-spills``). Uses Triton internals (``CudaDriver``,
-``JITFunction.warmup``); checked with Triton 3.9.
+``JITFunction.warmup``); checked with Triton 3.6 and 3.9.
 """
 
 from __future__ import annotations
