@@ -176,6 +176,16 @@ def test_fused_cpu_large_output(ops):
     _run_table(ops, "cpu", torch.float32, 150, 3, 4099, 1.0)
 
 
+def test_cpu_outputs_over_huge_page_threshold(ops):
+    """Outputs of 8 MiB and more get a transparent-huge-page hint before the kernel writes
+    them (11 MiB here, not 2 MiB aligned): the values are unaffected."""
+    _run_table(ops, "cpu", torch.float32, 41, 2, 70001, 1.0)
+    G = torch.randn(41, 2, 70001)
+    w = torch.randn(41, 2)
+    torch.testing.assert_close(ops.combine(G, w, 0), (w.double().unsqueeze(-1) * G.double()).sum(1).float(),
+                               rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("B,K,D", [(1, 1, 1), (3, 2, 7), (37, 5, 1000), (2, 9, 4099), (4, 12, 70001)])
 def test_gram_combine_cpu(ops, dtype, B, K, D):
