@@ -245,6 +245,30 @@ def test_input_errors(ops):
         ops.gram(G.to(torch.int32))
 
 
+@pytest.mark.parametrize("B,K,D", [(64, 2, 1000), (5, 5, 33), (3, 8, 100), (4, 2, 3000)])
+def test_curriculum_path_matches_reference(ops, B, K, D):
+    """A kernel rule under a curriculum: short rows are solved inside the fused kernel,
+    long ones (4 x 2 x 3000: 24 KiB rows) by gram + the reference solve; both match the
+    torch backend over several steps (GradVac's EMA target and the curriculum state move)."""
+    import gradharmony as gh
+    from gradharmony.engine import core
+
+    G = torch.randn(B, K, D) * torch.logspace(-1, 1, K).unsqueeze(-1)
+    assert core._solve_in_kernel("cpp", G) == (K * D * 4 <= core.SOLVE_IN_KERNEL_MAX_ROW_BYTES["cpu"])
+    for make in (lambda: gh.PCGrad(seed=3), lambda: gh.GradVac(seed=4, beta=0.5), lambda: "sum"):
+        rules, curricula = (make(), make()), (gh.ConflictCurriculum(start=0.6), gh.ConflictCurriculum(start=0.6))
+        for step in range(3):
+            G = torch.randn(B, K, D)
+            a, b = (gh.harmonize(G, r, backend=be, curriculum=c, reduction=red)
+                    for r, c, be, red in zip(rules, curricula, ("cpp", "torch"), ("none", "none")))
+            for name in ("cos", "weights", "grad"):
+                torch.testing.assert_close(getattr(a, name), getattr(b, name), rtol=1e-4, atol=1e-5,
+                                           msg=lambda m: f"{name} step {step} {make()}: {m}")
+            assert a.backend == "cpp"
+            for c in curricula:
+                c.step()
+
+
 def test_backend_protocol(ops):
     be = ext.CppBackend()
     assert be.name == "cpp" and be.supports(torch.randn(2, 2, 3)) and not be.supports(torch.zeros(2, 2, 3, dtype=torch.int64))
