@@ -269,6 +269,33 @@ def test_curriculum_path_matches_reference(ops, B, K, D):
                 c.step()
 
 
+def test_auto_fallback_warns_once_naming_every_missing_backend(monkeypatch):
+    """Two preferred backends missing on a device: one warning that names both reasons and the
+    backend used, and none on later calls."""
+    import warnings
+
+    from gradharmony.engine import backends
+
+    def broken(msg):
+        def load():
+            raise RuntimeError(msg)
+        return load
+
+    monkeypatch.setitem(backends._REGISTRY, "fast1", backends._Entry(loader=broken("no toolchain one")))
+    monkeypatch.setitem(backends._REGISTRY, "fast2", backends._Entry(loader=broken("no toolchain two")))
+    monkeypatch.setitem(backends.PREFERENCE, "meta", ("fast1", "fast2", "torch"))
+    monkeypatch.setattr(backends, "_WARNED", set())
+    G = torch.empty(2, 2, 3, device="meta")
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        assert backends.select_backend("auto", G).name == "torch"
+        assert backends.select_backend("auto", G).name == "torch"
+    msgs = [str(x.message) for x in w]
+    assert len(msgs) == 1, msgs
+    assert "using backend 'torch' on meta" in msgs[0]
+    assert "'fast1': RuntimeError: no toolchain one" in msgs[0] and "'fast2': RuntimeError: no toolchain two" in msgs[0]
+
+
 def test_backend_protocol(ops):
     be = ext.CppBackend()
     assert be.name == "cpp" and be.supports(torch.randn(2, 2, 3)) and not be.supports(torch.zeros(2, 2, 3, dtype=torch.int64))
@@ -379,7 +406,8 @@ print(report())
 """
     res = _run_py(code, CXX=str(tmp_path / "no-such-c++"), TORCH_EXTENSIONS_DIR=str(tmp_path / "ext"))
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    assert "backend 'cpp' unavailable" in res.stdout and "no C++ compiler" in res.stdout, res.stdout
+    assert "using backend 'torch' on cpu" in res.stdout and "'cpp': RuntimeError" in res.stdout, res.stdout
+    assert "no C++ compiler" in res.stdout, res.stdout
     assert "cpp     unavailable" in res.stdout and "not compatible" not in res.stderr, res.stderr
     assert len(res.stdout.splitlines()[0]) < 600  # one readable line
 

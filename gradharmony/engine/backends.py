@@ -186,21 +186,27 @@ def select_backend(backend: str, G: Tensor) -> Backend:
                 f"backend {backend!r}{source} cannot run on a {G.dtype} tensor on {G.device}"
             )
         return be
+    missing = []  # (name, reason) of preferred backends that failed to load
+    chosen: Optional[Backend] = None
     for name in PREFERENCE.get(G.device.type, ("torch",)):
         if name not in _REGISTRY:
             continue
         be = _load(name)
         if be is None:
-            key = f"{name}:{G.device.type}"
-            if key not in _WARNED:
-                _WARNED.add(key)
-                warnings.warn(
-                    f"gradharmony: backend {name!r} unavailable, falling back "
-                    f"({_REGISTRY[name].error})",
-                    RuntimeWarning,
-                    stacklevel=3,
-                )
+            missing.append((name, _REGISTRY[name].error))
             continue
         if be.supports(G):
-            return be
-    return _load("torch")  # type: ignore[return-value]
+            chosen = be
+            break
+    if chosen is None:
+        chosen = _load("torch")
+    if missing and G.device.type not in _WARNED:  # one warning per device type
+        _WARNED.add(G.device.type)
+        why = "; ".join(f"{n!r}: {e}" for n, e in missing)
+        warnings.warn(
+            f"gradharmony: using backend {chosen.name!r} on {G.device.type}, faster ones are "
+            f"unavailable ({why})",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return chosen  # type: ignore[return-value]
