@@ -68,6 +68,22 @@ class _AOTDriver(CudaDriver):
         return torch.device("cpu")
 
 
+def _arg_key(a) -> str:
+    """How Triton specializes a runtime argument (its compile-cache key, Triton 3.x): tensors by
+    dtype and 16-byte alignment; integers by width, ``== 1`` (a constant) and divisibility by
+    16; bools by type. Two launches with different keys are two compiled kernels."""
+    if isinstance(a, torch.Tensor):
+        return f"{a.dtype}" + ("" if a.data_ptr() % 16 == 0 else ":unaligned")
+    if isinstance(a, bool):
+        return "bool"
+    if isinstance(a, int):
+        if a == 1:
+            return "int=1"
+        width = "i32" if -(2**31) <= a < 2**31 else ("u64" if a >= 2**63 else "i64")
+        return width + (":div16" if a % 16 == 0 else "")
+    return type(a).__name__
+
+
 class _Recorder:
     """Stands in for a ``@triton.jit`` kernel: ``kernel[grid](*args)`` compiles, never runs."""
 
@@ -77,9 +93,10 @@ class _Recorder:
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
             consts = {k: v for k, v in kwargs.items() if k not in ("num_warps", "num_stages")}
+            # one entry per Triton specialization: the integer arguments' values matter
+            # (== 1, divisibility by 16), not only their type
             key = (self.name, tuple(sorted((k, str(v)) for k, v in consts.items())),
-                   kwargs.get("num_warps", 4),
-                   tuple(str(a.dtype) if isinstance(a, torch.Tensor) else type(a).__name__ for a in args))
+                   kwargs.get("num_warps", 4), tuple(_arg_key(a) for a in args))
             if key in self.sink:
                 return None
             t0 = time.perf_counter()

@@ -100,7 +100,10 @@ inline bool use_avx2() {
 // (64 x 2 x 2^18 float32 on a 2-core x86-64: 25 ms per call with 4 KiB pages, 10 ms with
 // huge pages). Ask for transparent huge pages on it before the kernel writes it (a hint: no
 // effect where THP is off, or already "always"). What PyTorch's THP_MEM_ALLOC_ENABLE=1 does
-// for every allocation, here for the outputs of this op only.
+// for every allocation, here for the outputs of this op only. Only whole pages inside the
+// output are advised; the hint is a property of the address range, so it outlives the tensor:
+// where malloc served the output from its heap (sizes under glibc's dynamic mmap threshold, at
+// most 32 MiB) later allocations reusing that range are THP-eligible too (values unaffected).
 constexpr int64_t kHugePageAdviseBytes = 8 << 20;
 
 inline void advise_huge_pages(const at::Tensor& t) {

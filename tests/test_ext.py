@@ -246,15 +246,22 @@ def test_input_errors(ops):
 
 
 @pytest.mark.parametrize("B,K,D", [(64, 2, 1000), (5, 5, 33), (3, 8, 100), (4, 2, 3000)])
-def test_curriculum_path_matches_reference(ops, B, K, D):
+def test_curriculum_path_matches_reference(ops, B, K, D, monkeypatch):
     """A kernel rule under a curriculum: short rows are solved inside the fused kernel,
     long ones (4 x 2 x 3000: 24 KiB rows) by gram + the reference solve; both match the
     torch backend over several steps (GradVac's EMA target and the curriculum state move)."""
     import gradharmony as gh
     from gradharmony.engine import core
+    from gradharmony.kernels import ext
 
     G = torch.randn(B, K, D) * torch.logspace(-1, 1, K).unsqueeze(-1)
-    assert core._solve_in_kernel("cpp", G) == (K * D * 4 <= core.SOLVE_IN_KERNEL_MAX_ROW_BYTES["cpu"])
+    short = K * D * 4 <= core.SOLVE_IN_KERNEL_MAX_ROW_BYTES["cpu"]
+    assert core._solve_in_kernel("cpp", G) == short
+    calls = []  # which path ran: fused (short rows) or gram (long rows)
+    for op in ("fused", "gram"):
+        inner = getattr(ext.CppBackend, op)
+        monkeypatch.setattr(ext.CppBackend, op,
+                            lambda self, *a, _op=op, _inner=inner: calls.append(_op) or _inner(self, *a))
     for make in (lambda: gh.PCGrad(seed=3), lambda: gh.GradVac(seed=4, beta=0.5), lambda: "sum"):
         rules, curricula = (make(), make()), (gh.ConflictCurriculum(start=0.6), gh.ConflictCurriculum(start=0.6))
         for step in range(3):
@@ -265,8 +272,35 @@ def test_curriculum_path_matches_reference(ops, B, K, D):
                 torch.testing.assert_close(getattr(a, name), getattr(b, name), rtol=1e-4, atol=1e-5,
                                            msg=lambda m: f"{name} step {step} {make()}: {m}")
             assert a.backend == "cpp"
+            assert calls == ["fused" if short else "gram"], calls
+            calls.clear()
             for c in curricula:
                 c.step()
+
+
+@pytest.mark.parametrize("nonfinite", ["skip", "zero", "propagate"])
+def test_curriculum_path_repair_and_nonfinite_match_reference(ops, nonfinite):
+    """The in-kernel solve under a curriculum keeps the engine's health check: samples at
+    scales 1e-20..1e20 (re-solved on a rescaled Gram) and a NaN sample under each policy give
+    the torch backend's cosines, weights and output."""
+    import gradharmony as gh
+    from gradharmony.engine import core
+
+    B, K, D = 7, 3, 50
+    scale = torch.tensor([1e-20, 1e-10, 1.0, 1e10, 1e20, 1e-17, 3.0]).view(B, 1, 1)
+    G = (torch.randn(B, K, D, dtype=torch.float64) * scale).float()
+    G[6, 1, 4] = float("nan")
+    assert core._solve_in_kernel("cpp", G)
+    for make in (lambda: gh.PCGrad(seed=5), lambda: gh.GradVac(seed=6, beta=0.5)):
+        res = []
+        for be in ("cpp", "torch"):
+            rule, cur = make(), gh.ConflictCurriculum(start=0.7)
+            res.append([gh.harmonize(G, rule, backend=be, curriculum=cur, nonfinite=nonfinite) for _ in range(2)])
+        for a, b in zip(*res):
+            for name in ("cos", "weights", "grad"):
+                torch.testing.assert_close(getattr(a, name), getattr(b, name), rtol=1e-4, atol=0, equal_nan=True,
+                                           msg=lambda m: f"{name} {nonfinite}: {m}")
+            assert torch.isfinite(a.weights[:6]).all() and torch.isfinite(a.cos[:6]).all()
 
 
 def test_auto_fallback_warns_once_naming_every_missing_backend(monkeypatch):

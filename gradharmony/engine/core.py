@@ -100,6 +100,8 @@ def _solve(M: Tensor, method: Optional[int], order, target, solve_fn: Optional[S
 
 def _scaled_gram(G: Tensor) -> Tensor:
     """Gram of each sample divided by its largest |entry|^2 (no over/underflow)."""
+    if G.shape[2] == 0:  # zero-width gradients: amax has nothing to reduce; the Gram is 0
+        return reference.gram(G)
     amax = G.abs().amax(dim=(1, 2), keepdim=True).to(reference.acc_dtype(G.dtype))
     amax = torch.where(amax > 0, amax, torch.ones_like(amax))
     return reference.gram(G.to(amax.dtype) / amax)

@@ -190,6 +190,20 @@ def test_trailing_dims_are_flattened(gen):
                                gh.harmonize(nc.contiguous(), "pcgrad", order="fixed", backend="torch").grad)
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_zero_width_gradients(method):
+    """D = 0 (e.g. K tensors of shape (B, 0)): zero gradients, which conflict with nothing.
+    Regression: the health check's rescaled re-solve reduced amax over an empty dim and
+    raised IndexError on every backend."""
+    backends = [b for b, st in gh.available_backends().items() if st == "available" and b in ("torch", "cpp")]
+    for be in backends:
+        for cur in (None, gh.ConflictCurriculum()):
+            for red in ("none", "mean"):
+                r = gh.harmonize(torch.zeros(3, 2, 0), method, backend=be, curriculum=cur, reduction=red)
+                assert r.grad.shape == ((3, 0) if red == "none" else (0,))
+                assert torch.isfinite(r.weights).all() and (r.cos == 0).all(), (be, r.weights, r.cos)
+
+
 def test_env_backend_is_honoured_and_named_in_errors(gen, monkeypatch):
     # regression: GRADHARMONY_BACKEND had no test, and a bad value raised an error that did
     # not say it came from the environment (the caller passed backend="auto")
