@@ -8,6 +8,7 @@
 # "bench" (build if needed + the benchmarks: at most 7 min), or "all" (default; both,
 # more than one 600 s device command may take: run the two stages as two commands).
 # GH_COMMIT: the commit the result files name where the copied tree has no .git.
+# Exit status 1 when any step failed (all steps run regardless; see run.log).
 # Optional: a folder .whl/ of extra wheels (e.g. torchjd, for the torchjd baseline) is
 # installed into /tmp/site first. Nothing here uses the network.
 set -uo pipefail
@@ -19,6 +20,7 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 GRADHARMONY_CUDA_ARCHS=${GRADHARMONY_CUDA_ARCHS:-90} MAX_JOBS=${MAX_JOBS:-16}
 export GH_COMMIT=${GH_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 log() { echo "[$(date +%T)] $*" | tee -a "$OUT/run.log"; }
+FAIL=0  # exit status: 1 when a build, test or benchmark step failed (every step still runs)
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site
@@ -30,7 +32,7 @@ if python3 -c "import torch, gradharmony._C; torch.ops.gradharmony.fused(torch.r
   log "extension already built with CUDA"
 else
   log "build"
-  GRADHARMONY_FORCE_CUDA=1 python3 -m pip install --no-index --no-deps --no-build-isolation -e . >>"$OUT/run.log" 2>&1 || log "BUILD FAILED"
+  GRADHARMONY_FORCE_CUDA=1 python3 -m pip install --no-index --no-deps --no-build-isolation -e . >>"$OUT/run.log" 2>&1 || { log "BUILD FAILED"; FAIL=1; }
 fi
 python3 -m gradharmony.info 2>&1 | tee -a "$OUT/run.log"
 
@@ -39,19 +41,20 @@ if [ "$STAGE" != bench ]; then
   # runs the whole table compiled on the device (only two of its tests carry the gpu mark)
   log "gpu tests"
   timeout 300 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_ext.py 2>&1 \
-    | tee "$OUT/gpu_tests_ext.log" | tail -5 | tee -a "$OUT/run.log"
+    | tee "$OUT/gpu_tests_ext.log" | tail -5 | tee -a "$OUT/run.log" || FAIL=1
   timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_triton.py 2>&1 \
-    | tee "$OUT/gpu_tests_triton.log" | tail -10 | tee -a "$OUT/run.log"
+    | tee "$OUT/gpu_tests_triton.log" | tail -10 | tee -a "$OUT/run.log" || FAIL=1
 fi
 if [ "$STAGE" != test ]; then
   log "harmonize benchmark float32"
-  timeout 240 python3 bench/bench_harmonize.py --dtypes float32 --reps 100 --out "$OUT" --tag cuda 2>&1 | tee -a "$OUT/run.log"
+  timeout 240 python3 bench/bench_harmonize.py --dtypes float32 --reps 100 --out "$OUT" --tag cuda 2>&1 | tee -a "$OUT/run.log" || FAIL=1
   log "harmonize benchmark bfloat16"
   timeout 45 python3 bench/bench_harmonize.py --dtypes bfloat16 --no-compile --reps 100 --out "$OUT" --tag cuda_bf16 \
-    --sizes 256x2x1024,1024x2x4096,64x2x1048576,256x2x1048576 2>&1 | tee -a "$OUT/run.log"
+    --sizes 256x2x1024,1024x2x4096,64x2x1048576,256x2x1048576 2>&1 | tee -a "$OUT/run.log" || FAIL=1
   log "triton paths"
-  timeout 45 python3 bench/bench_triton_paths.py 2>&1 | tee "$OUT/triton_paths.log" | tail -40 >>"$OUT/run.log"
+  timeout 45 python3 bench/bench_triton_paths.py 2>&1 | tee "$OUT/triton_paths.log" | tail -40 >>"$OUT/run.log" || FAIL=1
   log "train step benchmark"
-  timeout 90 python3 bench/bench_train_step.py --devices cuda --out "$OUT" 2>&1 | tail -12 | tee -a "$OUT/run.log"
+  timeout 90 python3 bench/bench_train_step.py --devices cuda --out "$OUT" 2>&1 | tail -12 | tee -a "$OUT/run.log" || FAIL=1
 fi
-log "done"
+log "done (status $FAIL)"
+exit $FAIL
