@@ -241,6 +241,20 @@ inline void gram_range(const scalar_t* Gb, int64_t K, int64_t D, int64_t d0, int
   }
 }
 
+// o[d] = sum over tasks t of partial[t * D + d] (reduction "sum": the per-task D-sized
+// partials, added up in task order, parallel over columns).
+template <typename scalar_t, typename acc_t>
+inline void sum_partials(const acc_t* partial, int64_t tasks, int64_t D, scalar_t* o) {
+  const int64_t grain = std::max<int64_t>(64, kGrainElems / tasks);
+  at::parallel_for(0, D, grain, [&](int64_t d0, int64_t d1) {
+    for (int64_t d = d0; d < d1; ++d) {
+      acc_t v = partial[d];
+      for (int64_t t = 1; t < tasks; ++t) v += partial[t * D + d];
+      o[d] = static_cast<scalar_t>(v);
+    }
+  });
+}
+
 inline int64_t num_tasks(int64_t work_items, int64_t total_elems) {
   const int64_t by_size = std::max<int64_t>(1, total_elems / kGrainElems);
   return std::max<int64_t>(1, std::min<int64_t>({work_items, (int64_t)at::get_num_threads(), by_size}));
@@ -344,16 +358,7 @@ void combine_kernel(const at::Tensor& G, const at::Tensor& w, int64_t reduction,
           }
       }
     });
-    if (!direct) {
-      const int64_t grain = std::max<int64_t>(64, kGrainElems / tasks);
-      at::parallel_for(0, D, grain, [&](int64_t d0, int64_t d1) {
-        for (int64_t d = d0; d < d1; ++d) {
-          acc_t v = partial[d];
-          for (int64_t t = 1; t < tasks; ++t) v += partial[t * D + d];
-          o[d] = static_cast<scalar_t>(v);
-        }
-      });
-    }
+    if (!direct) sum_partials(partial.data(), tasks, D, o);
     return;
   }
   // sum, long rows: column blocks of up to kSumBlock columns (long streams per row), each summed over all
@@ -456,16 +461,7 @@ void fused_kernel(const at::Tensor& G, int64_t method, const FusedInputs& in, in
     }
     stream_fence();
   });
-  if (sum && !direct) {
-    const int64_t grain = std::max<int64_t>(64, kGrainElems / tasks);
-    at::parallel_for(0, D, grain, [&](int64_t d0, int64_t d1) {
-      for (int64_t d = d0; d < d1; ++d) {
-        acc_t v = partial[d];
-        for (int64_t t = 1; t < tasks; ++t) v += partial[t * D + d];
-        o[d] = static_cast<scalar_t>(v);
-      }
-    });
-  }
+  if (sum && !direct) sum_partials(partial.data(), tasks, D, o);
 }
 
 }  // namespace GH_CPU_NS
