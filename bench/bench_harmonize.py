@@ -30,9 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -44,6 +42,9 @@ import torch
 import gradharmony as gh
 from gradharmony.engine import available_backends, reference
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import device_name, git_commit, sync  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 GPU_SIZES = [
     (256, 2, 1024), (256, 3, 1024), (1024, 2, 4096),
@@ -51,27 +52,6 @@ GPU_SIZES = [
 ]
 CPU_SIZES = [(256, 2, 1024), (256, 3, 1024), (256, 2, 4096), (1024, 2, 4096), (64, 2, 1 << 18)]
 SLOW_MAX_ELEMS = 1 << 22  # the loop / torchjd baselines only up to this many elements on CPU
-
-
-def git_commit() -> str:
-    if os.environ.get("GH_COMMIT"):
-        return os.environ["GH_COMMIT"]
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
-                                       stderr=subprocess.DEVNULL, text=True).strip()
-    except Exception:
-        return "unknown"
-
-
-def device_name(dev: torch.device) -> str:
-    if dev.type == "cuda":
-        return torch.cuda.get_device_name(dev)
-    return f"{platform.processor() or platform.machine()} CPU x{torch.get_num_threads()} threads"
-
-
-def sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
 
 
 def time_fn(fn: Callable[[], object], dev: torch.device, reps: int, warmup: int = 3,

@@ -28,8 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import subprocess
 import sys
 import time
 from typing import Any
@@ -45,6 +43,9 @@ from gradharmony.vatt.data import load_batch  # noqa: E402
 from gradharmony.vatt.distributed import DistContext  # noqa: E402
 from gradharmony.vatt.trainer import Trainer, build_datasets  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import device_name, git_commit, sync  # noqa: E402
+
 VARIANTS: dict[str, dict[str, Any]] = {
     "plain": {"harmony.level": "none", "harmony.curriculum": "off"},
     "sum": {"harmony.method": "sum", "harmony.curriculum": "off"},
@@ -55,28 +56,6 @@ VARIANTS: dict[str, dict[str, Any]] = {
                      "harmony.curriculum_mode": "soft"},
 }
 PARAM_VARIANT = {"harmony.method": "pcgrad", "harmony.curriculum": "off", "harmony.level": "parameter"}
-
-
-def git_commit() -> str:
-    """Short commit of the checkout (or $GH_COMMIT where the tree was copied without .git)."""
-    if os.environ.get("GH_COMMIT"):
-        return os.environ["GH_COMMIT"]
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def build_trainers(preset: str, device: torch.device, batch_size: int | None,

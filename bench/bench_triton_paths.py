@@ -6,17 +6,23 @@ comparison is bench_harmonize.py.
     python bench/bench_triton_paths.py [--full]     # needs a CUDA GPU
 """
 
+import os
+import statistics
+import sys
+
 import torch
 import triton
 
 from gradharmony.engine import reference
 from gradharmony.kernels.triton_harmonize import fused_forward
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import git_commit  # noqa: E402
+
+
 def _bench_ms(fn, reps: int = 30, inner: int = 10) -> tuple[float, float, float]:
     """(median, p20, p80) ms per call of ``fn``: CUDA events around ``inner`` back-to-back
     calls (so host launch overhead counts when it dominates)."""
-    import statistics
-
     for _ in range(3):
         fn()
     torch.cuda.synchronize()
@@ -36,19 +42,7 @@ def _bench_ms(fn, reps: int = 30, inner: int = 10) -> tuple[float, float, float]
 def _benchmark(full: bool = False) -> None:
     """Median / p20 / p80 per call at the DESIGN.md sizes, next to the reference and the
     copy-bandwidth floor (one read of G = half a device copy of G)."""
-    import subprocess
-
-    
-
-    import os
-
-    try:  # $GH_COMMIT where the tree was copied without .git
-        commit = os.environ.get("GH_COMMIT") or subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False,
-            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-        ).stdout.strip() or "?"
-    except Exception:
-        commit = "?"
+    commit = git_commit()
     dev = torch.cuda.get_device_name()
     print(f"# {dev} torch {torch.__version__} triton {triton.__version__} commit {commit}")
     print("size, dtype, method, reduction, path, median_ms, p20_ms, p80_ms, ref_ms, x_2reads, max_rel_err")
@@ -83,6 +77,4 @@ def _benchmark(full: bool = False) -> None:
 
 
 if __name__ == "__main__":
-    import sys
-
     _benchmark(full="--full" in sys.argv)
