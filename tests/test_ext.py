@@ -176,6 +176,32 @@ def test_fused_cpu_large_output(ops):
     _run_table(ops, "cpu", torch.float32, 150, 3, 4099, 1.0)
 
 
+def _vm_flags(addr):
+    """VmFlags of the mapping that holds ``addr`` (Linux /proc/self/smaps), or None."""
+    import re
+
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            m = re.match(r"^([0-9a-f]+)-([0-9a-f]+) ", line)
+            if m:
+                inside = int(m[1], 16) <= addr < int(m[2], 16)
+            elif inside and line.startswith("VmFlags:"):
+                return line.split()[1:]
+    return None
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="needs Linux /proc/self/smaps")
+@pytest.mark.parametrize("op", ["fused", "combine"])
+def test_cpu_large_outputs_get_huge_page_hint(ops, op):
+    """Outputs of 8 MiB and more are madvise(MADV_HUGEPAGE)d before the kernel writes them
+    (VmFlags 'hg' on their pages)."""
+    G = torch.randn(40, 2, 70001)  # output 11 MiB
+    out = ops.fused(G, 1, None, None, None, 0)[0] if op == "fused" else ops.combine(G, torch.randn(40, 2), 0)
+    flags = _vm_flags(out.data_ptr() + out.nbytes // 2)
+    assert flags is not None and "hg" in flags, flags
+
+
 def test_cpu_outputs_over_huge_page_threshold(ops):
     """Outputs of 8 MiB and more get a transparent-huge-page hint before the kernel writes
     them (11 MiB here, not 2 MiB aligned): the values are unaffected."""
