@@ -46,13 +46,15 @@ class Metric:
     keys: tuple[str, ...]
     chance_keys: tuple[str, ...] = ()
     k: Optional[int] = None  # R@k: chance k / N when no chance key is logged
+    within_class_keys: tuple[str, ...] = ()  # chance of a ranking perfect at class level, random within
 
 
 def _retrieval(direction: str, what: str, k: Optional[int], label: str) -> Metric:
     name = f"{direction}_{what}"
     return Metric(name, label,
                   keys=(f"eval/{name}", f"eval/retrieval/{name}", f"eval/instance/{name}"),
-                  chance_keys=(f"eval/chance/{name}", f"eval/{name}_chance", f"eval/chance_{name}"), k=k)
+                  chance_keys=(f"eval/chance/{name}", f"eval/{name}_chance", f"eval/chance_{name}"), k=k,
+                  within_class_keys=(f"eval/chance_within_class/{name}", f"eval/{name}_chance_within_class"))
 
 
 DIRS = {"v2t": "video->text", "t2v": "text->video", "v2a": "video->audio", "a2v": "audio->video"}
@@ -369,6 +371,9 @@ def read_run(folder: str) -> dict[str, Any]:
             c = min(1.0, m.k / n) if n else None
         if c is not None:
             run["chance"][m.id] = c
+        w, _ = _first({**last_eval, **summary}, m.within_class_keys)
+        if w is not None:
+            run.setdefault("chance_within_class", {})[m.id] = w
     run["eval_series"] = [{"step": r.get("step"), **{m.id: _first(r, m.keys)[0] for m in METRICS}} for r in evals]
     series, source, extras = conflict_series(folder, records)
     run["conflict_series"], run["conflict_source"] = series, source
@@ -432,6 +437,8 @@ def collect(root: str) -> dict[str, Any]:
                 cell[metric.id] = dict(zip(("mean", "std", "n"), mean_std(vals)))
                 ch = [r["chance"][metric.id] for r in group if metric.id in r["chance"]]
                 cell[metric.id]["chance"] = float(np.mean(ch)) if ch else float("nan")
+                wc = [r["chance_within_class"][metric.id] for r in group if metric.id in r.get("chance_within_class", {})]
+                cell[metric.id]["chance_within_class"] = float(np.mean(wc)) if wc else float("nan")
             for f in (*CONFLICT_FIELDS, "auroc_first"):
                 cell[f] = dict(zip(("mean", "std", "n"), mean_std([r["conflict_final"][f] for r in group])))
             cell["auroc_series"] = _mean_series(group, "auroc")

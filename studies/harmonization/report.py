@@ -50,11 +50,12 @@ def write_raw(res: dict[str, Any], meta: dict[str, Any], folder: str) -> dict[st
                        + [r["conflict_final"][c] for c in (*CONFLICT_FIELDS, "auroc_first")])
     with open(paths["cells"], "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
-        w.writerow(["method", "misalignment", "quantity", "mean", "std", "n", "chance"])
+        w.writerow(["method", "misalignment", "quantity", "mean", "std", "n", "chance", "chance_within_class"])
         for c in res["cells"]:
             for q in ("steps", "wall_s", "train_time_s", *[m.id for m in METRICS], *CONFLICT_FIELDS, "auroc_first"):
                 v = c[q]
-                w.writerow([c["method"], c["misalignment"], q, v["mean"], v["std"], v["n"], v.get("chance", "")])
+                w.writerow([c["method"], c["misalignment"], q, v["mean"], v["std"], v["n"], v.get("chance", ""),
+                            v.get("chance_within_class", "")])
     return paths
 
 
@@ -181,6 +182,10 @@ def write_report(res: dict[str, Any], meta: dict[str, Any], path: str, raw: dict
         rows = [[f"`{m}`"] + [_ms(_cell(res, m, r)[mid]) if _cell(res, m, r) else "—" for r in rates] for m in methods]
         ch = [next((c[mid]["chance"] for c in res["cells"] if c["misalignment"] == r), float("nan")) for r in rates]
         rows.append(["chance"] + [_f(x) for x in ch])
+        wc = [next((c[mid]["chance_within_class"] for c in res["cells"] if c["misalignment"] == r), float("nan"))
+              for r in rates]
+        if any(math.isfinite(x) for x in wc):
+            rows.append(["within-class chance"] + [_f(x) for x in wc])
         L += _table(["method"] + [f"misalignment {r:g}" for r in rates], rows) + [""]
     L += [f"Each method minus `{BASELINE}` on the metrics above (claim: higher):", ""]
     rows = [[f"`{v['method']}`", f"{v['misalignment']:g}", f"`{v['metric']}`", _f(v["delta"]), _f(v["spread"]),
