@@ -160,3 +160,23 @@ def test_missing_metric_is_named(tmp_path, request):
     msg = next(m for m in run["missing"] if m.startswith("metric 'v2t_R@10'"))
     assert "eval/v2t_R@10" in msg and "eval/video_to_text_R@10" in msg  # the keys tried and the keys present
     assert any(m.startswith("parameter-level") for m in run["missing"])
+
+
+def test_group_histograms_source(tmp_path):
+    """Cosine histograms split by ground truth in the metrics records (no per-sample file) are read and pooled."""
+    d = tmp_path / "sum__mis0.5__seed0__fake"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"harmony": {"method": "sum", "curriculum": "off"},
+                                               "train": {"seed": 0, "steps": 40}, "data": {"misaligned_fraction": 0.5}}))
+    (d / "summary.json").write_text(json.dumps({"status": "completed", "step": 40}))
+    al, mis = [0] * 20, [0] * 20
+    al[15], mis[5], mis[12] = 3, 2, 2  # aligned all at cos 0.5..0.6; misaligned half below 0
+    with open(d / "metrics.jsonl", "w") as f:
+        for step in range(1, 41):
+            f.write(json.dumps({"step": step, "train/score_hist_aligned": al, "train/score_hist_misaligned": mis}) + "\n")
+    run = agg.read_run(str(d))
+    assert run["conflict_source"].startswith("group_histograms")
+    assert len(run["conflict_series"]) == agg.N_WINDOWS and run["conflict_series"][-1]["step"] == 40
+    last = run["conflict_series"][-1]
+    assert last["frac_neg_aligned"] == 0.0 and last["frac_neg_misaligned"] == 0.5
+    assert last["auroc"] == 1.0 and last["n_aligned"] == 3 * 5

@@ -67,7 +67,9 @@ METRIC_BY_ID = {m.id: m for m in METRICS}
 # the metrics on which "does a method help" is judged (instance level both directions, class level, probe)
 PRIMARY = ("v2t_R@10", "t2v_R@10", "v2a_R@10", "a2v_R@10", "v2t_class_R@1", "probe_acc")
 CONFLICT_FIELDS = ("auroc", "precision_at_kept", "precision_chance", "frac_neg_aligned", "frac_neg_misaligned",
-                   "spearman_feature_param")
+                   "spearman_feature_param", "auroc_pass")
+# AUROC of the score from the trainer's eval pass (frozen model, no DropToken, same measurement for every method)
+PASS_KEYS = ("eval/auroc_conflict_pass", "eval/conflict/auroc_pass")
 
 # aliases of per-sample columns
 STEP_KEYS = ("step", "steps")
@@ -314,7 +316,10 @@ def conflict_series(folder: str, records: list[dict[str, Any]]) -> tuple[list[di
             extras["spearman_feature_param"] = spearman(samples["cos"], samples["cos_param"])
         return series, f"per_sample ({why})", extras
     hist, key = _group_histograms(records)
-    if hist:
+    if hist:  # pool consecutive logging intervals into at most N_WINDOWS windows
+        chunks = np.array_split(np.arange(len(hist)), min(N_WINDOWS, len(hist)))
+        hist = [{"step": hist[c[-1]]["step"], "aligned": sum(hist[i]["aligned"] for i in c),
+                 "misaligned": sum(hist[i]["misaligned"] for i in c)} for c in chunks if len(c)]
         series = []
         for h in hist:
             nb = len(h["aligned"])
@@ -374,6 +379,10 @@ def read_run(folder: str) -> dict[str, Any]:
         w, _ = _first({**last_eval, **summary}, m.within_class_keys)
         if w is not None:
             run.setdefault("chance_within_class", {})[m.id] = w
+    ap, _ = _first(summary, PASS_KEYS)
+    if ap is None:
+        ap, _ = _first(last_eval, PASS_KEYS)
+    run["auroc_pass"] = float("nan") if ap is None else ap
     run["eval_series"] = [{"step": r.get("step"), **{m.id: _first(r, m.keys)[0] for m in METRICS}} for r in evals]
     series, source, extras = conflict_series(folder, records)
     run["conflict_series"], run["conflict_source"] = series, source
@@ -407,6 +416,7 @@ def _final_conflict(run: dict[str, Any]) -> dict[str, float]:
     if s:
         out.update({f: float(s[-1].get(f, float("nan"))) for f in CONFLICT_FIELDS})
         out["auroc_first"] = float(s[0].get("auroc", float("nan")))
+    out["auroc_pass"] = run.get("auroc_pass", float("nan"))
     if math.isfinite(run.get("spearman_feature_param", float("nan"))):
         out["spearman_feature_param"] = run["spearman_feature_param"]
     return out
@@ -415,7 +425,7 @@ def _final_conflict(run: dict[str, Any]) -> dict[str, float]:
 def collect(root: str) -> dict[str, Any]:
     """Every run folder under ``root`` -> {"runs", "cells", "conflict_cells", "verdicts", "missing"}."""
     folders = sorted(p for p in glob.glob(os.path.join(root, "*")) if os.path.isdir(p)
-                     and (os.path.exists(os.path.join(p, "study_run.json")) or os.path.exists(os.path.join(p, "config.json"))))
+                     and any(os.path.exists(os.path.join(p, f)) for f in ("study_run.json", "config.json")))
     runs = [read_run(f) for f in folders]
     for r in runs:
         r["conflict_final"] = _final_conflict(r)
@@ -437,7 +447,8 @@ def collect(root: str) -> dict[str, Any]:
                 cell[metric.id] = dict(zip(("mean", "std", "n"), mean_std(vals)))
                 ch = [r["chance"][metric.id] for r in group if metric.id in r["chance"]]
                 cell[metric.id]["chance"] = float(np.mean(ch)) if ch else float("nan")
-                wc = [r["chance_within_class"][metric.id] for r in group if metric.id in r.get("chance_within_class", {})]
+                wc = [r["chance_within_class"][metric.id] for r in group
+                      if metric.id in r.get("chance_within_class", {})]
                 cell[metric.id]["chance_within_class"] = float(np.mean(wc)) if wc else float("nan")
             for f in (*CONFLICT_FIELDS, "auroc_first"):
                 cell[f] = dict(zip(("mean", "std", "n"), mean_std([r["conflict_final"][f] for r in group])))
@@ -483,7 +494,8 @@ def verdicts(cells: list[dict[str, Any]], methods: list[str], rates: list[float]
                 continue
             # 1. misaligned triplets conflict more often than aligned ones
             d, s, n = _diff(c["frac_neg_misaligned"], c["frac_neg_aligned"])
-            out["conflicts"].append({"method": m, "misalignment": rate, "quantity": "frac_neg_misaligned - frac_neg_aligned",
+            out["conflicts"].append({"method": m, "misalignment": rate,
+                                     "quantity": "frac_neg_misaligned - frac_neg_aligned",
                                      "delta": d, "spread": s, "n": n, "verdict": verdict(d, s, n)})
             # 3. the score ranks misaligned triplets below aligned ones: AUROC above chance (0.5)
             a = c["auroc"]
@@ -508,7 +520,8 @@ def verdicts(cells: list[dict[str, Any]], methods: list[str], rates: list[float]
                 if any(c is None for c in cells_):
                     continue
                 m_lo, b_lo, m_hi, b_hi = cells_[0], cells_[2], cells_[1], cells_[3]
-                gap_lo, gap_hi = m_lo[metric]["mean"] - b_lo[metric]["mean"], m_hi[metric]["mean"] - b_hi[metric]["mean"]
+                gap_lo = m_lo[metric]["mean"] - b_lo[metric]["mean"]
+                gap_hi = m_hi[metric]["mean"] - b_hi[metric]["mean"]
                 stds = [c[metric]["std"] for c in cells_]
                 spread = max(stds) if all(math.isfinite(x) for x in stds) else float("nan")
                 n = min(c[metric]["n"] for c in cells_)

@@ -92,7 +92,8 @@ def metrics_vs_misalignment(res: dict[str, Any], folder: str, written: list[str]
             chance += [c[mid]["chance"] for c in cells if math.isfinite(c[mid]["chance"])]
         if chance:
             ax.axhline(float(np.mean(chance)), color="gray", linestyle="--", linewidth=1, label="chance")
-        within = [c[mid]["chance_within_class"] for c in res["cells"] if math.isfinite(c[mid].get("chance_within_class", float("nan")))]
+        within = [c[mid]["chance_within_class"] for c in res["cells"]
+                  if math.isfinite(c[mid].get("chance_within_class", float("nan")))]
         if within:
             ax.axhline(float(np.mean(within)), color="gray", linestyle=":", linewidth=1, label="within-class chance")
         ax.set(xlabel="misalignment rate (training triplets)", ylabel=mid, title=METRIC_BY_ID[mid].label)

@@ -13,7 +13,7 @@ import os
 from collections import Counter
 from typing import Any
 
-from .aggregate import CONFLICT_FIELDS, KEPT_FRACTION, METRIC_BY_ID, METRICS, PRIMARY
+from .aggregate import CONFLICT_FIELDS, KEPT_FRACTION, METRIC_BY_ID, METRICS, PRIMARY, verdict
 from .grid import BASELINE, CLAIMS, METHODS
 
 __all__ = ["write_raw", "write_report"]
@@ -179,7 +179,8 @@ def write_report(res: dict[str, Any], meta: dict[str, Any], path: str, raw: dict
     for mid in PRIMARY:
         met = METRIC_BY_ID[mid]
         L += [f"**{met.label}** (`{mid}`), held-out, end of training:", ""]
-        rows = [[f"`{m}`"] + [_ms(_cell(res, m, r)[mid]) if _cell(res, m, r) else "—" for r in rates] for m in methods]
+        rows = [[f"`{m}`"] + [_ms(_cell(res, m, r)[mid]) if _cell(res, m, r) else "—" for r in rates]
+                for m in methods]
         ch = [next((c[mid]["chance"] for c in res["cells"] if c["misalignment"] == r), float("nan")) for r in rates]
         rows.append(["chance"] + [_f(x) for x in ch])
         wc = [next((c[mid]["chance_within_class"] for c in res["cells"] if c["misalignment"] == r), float("nan"))
@@ -209,8 +210,8 @@ def write_report(res: dict[str, Any], meta: dict[str, Any], path: str, raw: dict
     for v in res["verdicts"]["score"]:
         c = _cell(res, v["method"], v["misalignment"])
         rows.append([f"`{v['method']}`", f"{v['misalignment']:g}", _ms(c["auroc_first"]), _ms(c["auroc"]),
-                     _ms(c["precision_at_kept"]), _ms(c["precision_chance"]), v["verdict"]])
-    L += _table(["method", "misalignment", "AUROC first window", "AUROC last window",
+                     _ms(c["auroc_pass"]), _ms(c["precision_at_kept"]), _ms(c["precision_chance"]), v["verdict"]])
+    L += _table(["method", "misalignment", "AUROC first window", "AUROC last window", "AUROC eval pass",
                  f"precision at kept {KEPT_FRACTION:g}", "chance", "verdict (last AUROC > 0.5)"], rows)
     L += ["", f"Tally: {_tally(res['verdicts']['score'])}. Source of the scores per run: "
           + ", ".join(sorted({r['conflict_source'] for r in res['runs']})) + ".", ""]
@@ -255,18 +256,19 @@ def _sum_vs_pcgrad(res: dict[str, Any]) -> list[str]:
            "*before* realignment, so PCGrad changes it only through the model it trains. If the `sum` - `pcgrad` "
            "AUROC gap is absent in the first window and opens later, the difference comes from training "
            "(e.g. the realigned model fitting the misaligned triplets, whose gradients then conflict less); if "
-           "it is there from the start, it is not.", ""]
+           "it is there from the start, it is not. The *eval pass* row scores the end-of-training model of "
+           "each method with the same frozen measurement (no DropToken, eval mode): a gap there is a property "
+           "of the trained model, not of how the score was collected during training.", ""]
     rows = []
     for rate in res["rates"]:
         s, p = _cell(res, "sum", rate), _cell(res, "pcgrad", rate)
         if rate <= 0 or s is None or p is None:
             continue
-        for phase, key in (("first window", "auroc_first"), ("last window", "auroc")):
+        for phase, key in (("first window", "auroc_first"), ("last window", "auroc"),
+                           ("eval pass, end", "auroc_pass")):
             a, b = s[key], p[key]
             d = a["mean"] - b["mean"]
             spread = max(a["std"], b["std"]) if math.isfinite(a["std"]) and math.isfinite(b["std"]) else float("nan")
-            from .aggregate import verdict
-
             v = verdict(d, spread, min(a["n"], b["n"]))
             rows.append([f"{rate:g}", phase, _ms(a), _ms(b), _f(d), _f(spread),
                          {"held": "sum higher", "did not hold": "pcgrad higher"}.get(v, v)])
