@@ -100,14 +100,14 @@ def test_verdict_rule():
     assert agg.verdict(float("nan"), 0.1, 3) == "not measured"
 
 
-def _fake_run(root, method, seed, rate, v2t, rng, with_param=True, renamed=False):
+def _fake_run(root, method, seed, rate, v2t, rng, with_param=True, renamed=False, steps=20):
     """A run folder as the trainer writes it, with per-sample cosines in samples.jsonl."""
-    name = f"{method}__mis{rate:g}__seed{seed}__fake"
+    name = f"{method}__mis{rate:g}__seed{seed}__fake{steps}"
     d = root / name
     d.mkdir(parents=True)
     opts = {"sum": ("sum", "off"), "pcgrad": ("pcgrad", "off")}[method]
     (d / "config.json").write_text(json.dumps({"harmony": {"method": opts[0], "curriculum": opts[1]},
-                                               "train": {"seed": seed, "steps": 20},
+                                               "train": {"seed": seed, "steps": steps},
                                                "data": {"misaligned_fraction": rate}}))
     key = "eval/video_to_text_R@10" if renamed else "eval/v2t_R@10"
     summ = {"status": "completed", "step": 20, "train_time_s": 1.0, key: v2t, "eval/num_clips": 100.0,
@@ -133,6 +133,7 @@ def test_aggregate_and_report_from_run_folders(tmp_path, request):
     for seed in (0, 1, 2):
         _fake_run(root, "sum", seed, 0.5, 0.30 + 0.001 * seed, rng)
         _fake_run(root, "pcgrad", seed, 0.5, 0.50 + 0.001 * seed, rng)
+    _fake_run(root, "sum", 0, 0.5, 0.9, rng, steps=10)  # another run length: listed, not pooled
     assert main(["report", "--runs", str(root), "--docs", str(tmp_path / "docs")]) == 0
     res = json.loads((tmp_path / "docs" / "results" / "harmonization" / "results.json").read_text())
     cell = next(c for c in res["cells"] if c["method"] == "sum")
@@ -148,6 +149,7 @@ def test_aggregate_and_report_from_run_folders(tmp_path, request):
     text = (tmp_path / "docs" / "RESULTS.md").read_text()
     assert "0.301 ± 0.001 (n=3)" in text and "Smoke profile" not in text
     assert "| within-class chance | 0.970 |" in text
+    assert res["excluded"] == ["sum__mis0.5__seed0__fake10"] and "`sum__mis0.5__seed0__fake10`" in text
     assert (tmp_path / "docs" / "results" / "harmonization" / "cosine_distributions.png").exists()
     assert (tmp_path / "docs" / "results" / "harmonization" / "auroc_over_training.png").exists()
 
@@ -167,13 +169,15 @@ def test_group_histograms_source(tmp_path):
     d = tmp_path / "sum__mis0.5__seed0__fake"
     d.mkdir()
     (d / "config.json").write_text(json.dumps({"harmony": {"method": "sum", "curriculum": "off"},
-                                               "train": {"seed": 0, "steps": 40}, "data": {"misaligned_fraction": 0.5}}))
+                                               "train": {"seed": 0, "steps": 40},
+                                               "data": {"misaligned_fraction": 0.5}}))
     (d / "summary.json").write_text(json.dumps({"status": "completed", "step": 40}))
     al, mis = [0] * 20, [0] * 20
     al[15], mis[5], mis[12] = 3, 2, 2  # aligned all at cos 0.5..0.6; misaligned half below 0
     with open(d / "metrics.jsonl", "w") as f:
         for step in range(1, 41):
-            f.write(json.dumps({"step": step, "train/score_hist_aligned": al, "train/score_hist_misaligned": mis}) + "\n")
+            rec = {"step": step, "train/score_hist_aligned": al, "train/score_hist_misaligned": mis}
+            f.write(json.dumps(rec) + "\n")
     run = agg.read_run(str(d))
     assert run["conflict_source"].startswith("group_histograms")
     assert len(run["conflict_series"]) == agg.N_WINDOWS and run["conflict_series"][-1]["step"] == 40

@@ -1,7 +1,7 @@
 """Command line of the study: ``python -m studies.harmonization {run,report} ...``.
 
     python -m studies.harmonization run methods            # one claim's grid, then the report
-    python -m studies.harmonization run all --jobs 1       # every claim (they share runs)
+    python -m studies.harmonization run all                # every claim (they share runs), 2 runs at a time
     python -m studies.harmonization run all --smoke        # two steps, one seed: the plumbing only
     python -m studies.harmonization report                 # aggregate the finished runs again
 
@@ -49,8 +49,9 @@ def _parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     r.add_argument("claims", nargs="+", choices=[*CLAIMS, "all"], help="which claim(s)")
     common(r)
-    r.add_argument("--jobs", type=int, default=1, help="runs at a time")
-    r.add_argument("--threads", type=int, default=0, help="torch threads per run (0: cores // jobs)")
+    r.add_argument("--jobs", type=int, help="runs at a time (default 2; 1 with --inprocess)")
+    r.add_argument("--threads", type=int, default=1,
+                   help="torch threads per run (measured on 2 cores: 2 jobs x 1 thread beats 1 job x 2 threads)")
     r.add_argument("--methods", help=f"comma-separated subset of {','.join(METHODS)}")
     r.add_argument("--seeds", help="comma-separated seeds (default: the profile's)")
     r.add_argument("--misalignment", help="comma-separated misalignment rates (default: the profile's)")
@@ -147,18 +148,19 @@ def main(argv: Optional[list[str]] = None) -> int:
         specs = build_grid(runs, profile, claims, methods=args.methods.split(",") if args.methods else None,
                            seeds=_ints(args.seeds) if args.seeds else None,
                            misalignment=_floats(args.misalignment) if args.misalignment else None, extra=extra)
-        if args.jobs < 1 or args.threads < 0 or (args.inprocess and args.jobs != 1):
-            raise ValueError("--jobs must be >= 1, --threads >= 0, and --inprocess needs --jobs 1")
+        if args.jobs is None:
+            args.jobs = 1 if args.inprocess else 2
+        if args.jobs < 1 or args.threads < 1 or (args.inprocess and args.jobs != 1):
+            raise ValueError("--jobs and --threads must be >= 1, and --inprocess needs --jobs 1")
     except ValueError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
     if args.dry_run:
-        threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
         for s in specs:
-            print("gradharmony-pretrain " + " ".join(shlex.quote(a) for a in s.argv(threads)))
+            print("gradharmony-pretrain " + " ".join(shlex.quote(a) for a in s.argv(args.threads)))
         return 0
     os.makedirs(runs, exist_ok=True)
-    codes = launch_all(specs, jobs=args.jobs, threads=args.threads or None, inprocess=args.inprocess)
+    codes = launch_all(specs, jobs=args.jobs, threads=args.threads, inprocess=args.inprocess)
     failed = {k: v for k, v in codes.items() if v != 0}
     if failed:
         print(f"[{PROG}] {len(failed)} run(s) failed: " + ", ".join(f"{k} (exit {v})" for k, v in failed.items()),

@@ -22,7 +22,7 @@ import glob
 import json
 import math
 import os
-import re
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -430,6 +430,11 @@ def collect(root: str) -> dict[str, Any]:
     for r in runs:
         r["conflict_final"] = _final_conflict(r)
     done = [r for r in runs if r["status"] == "completed" and r["method"] is not None]
+    # one run length per report: runs of another --steps in the same folder are listed, not pooled
+    lengths = Counter(r["steps_planned"] for r in done)
+    steps = lengths.most_common(1)[0][0] if lengths else None
+    excluded = [r["name"] for r in done if r["steps_planned"] != steps]
+    done = [r for r in done if r["steps_planned"] == steps]
     methods = [m for m in METHODS if any(r["method"] == m for r in done)]
     rates = sorted({float(r["misalignment"]) for r in done})
     cells: list[dict[str, Any]] = []
@@ -458,7 +463,8 @@ def collect(root: str) -> dict[str, Any]:
                       if msg.startswith(("metric", "no per-sample", "parameter-level"))})
     return {"runs": runs, "cells": cells, "methods": methods, "rates": rates,
             "verdicts": verdicts(cells, methods, rates), "missing": missing,
-            "failed": [{"name": r["name"], "status": r["status"]} for r in runs if r["status"] != "completed"]}
+            "failed": [{"name": r["name"], "status": r["status"]} for r in runs if r["status"] != "completed"],
+            "excluded": excluded}
 
 
 def _mean_series(group: list[dict[str, Any]], field_: str) -> list[dict[str, float]]:

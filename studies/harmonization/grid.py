@@ -82,7 +82,8 @@ class Profile:
 
 
 # Full grid: the tiny preset's default length (600 steps, batch 32); 5 methods x 3 seeds x 3 rates = 45
-# runs. Measured on the 2-core CPU (see docs/RESULTS.md, "Cost"): about 1 min per run -> about 45 min.
+# runs. Measured on the 2-core CPU shared with other jobs (load average ~5): 61-82 s per run alone with
+# one thread, 127 s for two runs side by side (2 jobs x 1 thread) -> 45 runs in about 48 min.
 FULL = Profile("full", {"train.steps": 600, "train.eval_every": 150, "train.log_every": 10,
                         "train.ckpt_every": 150, "harmony.level": "feature"},
                seeds=(0, 1, 2), misalignment=(0.0, 0.3, 0.6))
@@ -221,17 +222,18 @@ def launch_one(spec: RunSpec, threads: int, jobs: int, inprocess: bool = False) 
     return session
 
 
-def launch_all(specs: list[RunSpec], jobs: int = 1, threads: Optional[int] = None, inprocess: bool = False,
+def launch_all(specs: list[RunSpec], jobs: int = 2, threads: int = 1, inprocess: bool = False,
                log: Callable[[str], None] = print) -> dict[str, int]:
-    """Launch every unfinished run, ``jobs`` at a time; returns {run folder name: exit code} of those launched.
+    """Launch every unfinished run, ``jobs`` at a time with ``threads`` torch threads each.
 
-    ``threads`` per run defaults to ``os.cpu_count() // jobs`` (at least 1).
+    Returns {run folder name: exit code} of the runs launched. On the 2-core development machine,
+    2 jobs x 1 thread finished two 600-step runs in 127 s, 1 job x 1 thread in 143 s and 1 job x 2
+    threads in 511 s (shared machine, load average ~5; the tiny model does not scale with threads).
     """
-    if jobs < 1:
-        raise ValueError(f"--jobs must be >= 1, got {jobs}")
+    if jobs < 1 or threads < 1:
+        raise ValueError(f"jobs and threads must be >= 1, got {jobs} and {threads}")
     if inprocess and jobs != 1:
         raise ValueError("the in-process launcher runs one job at a time (--jobs 1)")
-    threads = threads or max(1, (os.cpu_count() or 1) // jobs)
     todo = [s for s in specs if not is_finished(s)]
     log(f"{len(specs)} runs in the grid, {len(specs) - len(todo)} finished, {len(todo)} to run "
         f"({jobs} job(s) x {threads} thread(s))")

@@ -237,6 +237,9 @@ def write_report(res: dict[str, Any], meta: dict[str, Any], path: str, raw: dict
     L += [""]
     if res["failed"]:
         L += ["## Runs that did not finish", ""] + [f"* `{f['name']}`: {f['status']}" for f in res["failed"]] + [""]
+    if res.get("excluded"):
+        L += ["## Runs left out", "", "Finished runs of another length than the report's (not pooled):", ""]
+        L += [f"* `{n}`" for n in res["excluded"]] + [""]
     L += ["## Raw results", "",
           f"* [{_rel(raw['json'], here)}]({_rel(raw['json'], here)}): everything above, per run and per cell, "
           "with the series over training;",
@@ -251,28 +254,36 @@ def write_report(res: dict[str, Any], meta: dict[str, Any], path: str, raw: dict
 
 
 def _sum_vs_pcgrad(res: dict[str, Any]) -> list[str]:
-    """Why does the score's AUROC differ between `sum` and `pcgrad`? Compare the gap early and late."""
+    """Why does the score's AUROC differ between `sum` and `pcgrad`? Each method against `sum`, early and late."""
     out = ["*Does realignment change what the score sees?* The score is the cosine of the per-sample gradients "
-           "*before* realignment, so PCGrad changes it only through the model it trains. If the `sum` - `pcgrad` "
-           "AUROC gap is absent in the first window and opens later, the difference comes from training "
-           "(e.g. the realigned model fitting the misaligned triplets, whose gradients then conflict less); if "
-           "it is there from the start, it is not. The *eval pass* row scores the end-of-training model of "
-           "each method with the same frozen measurement (no DropToken, eval mode): a gap there is a property "
-           "of the trained model, not of how the score was collected during training.", ""]
+           "*before* realignment, so PCGrad changes it only through the model it trains, and the curriculum "
+           "through which triplets train the video path. The trainer's default (`gradharmony-pretrain` without "
+           "options) is `pcgrad` with the fraction curriculum, i.e. `pcgrad+curriculum` here; the grid separates "
+           "the two. If a method's AUROC gap to `sum` is absent in the first window and opens later, it comes "
+           "from training (e.g. a model that fits the misaligned triplets, whose gradients then conflict less); "
+           "if it is there from the start, it does not. The *eval pass* rows score each method's end-of-training "
+           "model with the same frozen measurement (no DropToken, eval mode, no curriculum): a gap there is a "
+           "property of the trained model, not of how the score was collected during training.", ""]
     rows = []
     for rate in res["rates"]:
-        s, p = _cell(res, "sum", rate), _cell(res, "pcgrad", rate)
-        if rate <= 0 or s is None or p is None:
+        s = _cell(res, BASELINE, rate)
+        if rate <= 0 or s is None:
             continue
-        for phase, key in (("first window", "auroc_first"), ("last window", "auroc"),
-                           ("eval pass, end", "auroc_pass")):
-            a, b = s[key], p[key]
-            d = a["mean"] - b["mean"]
-            spread = max(a["std"], b["std"]) if math.isfinite(a["std"]) and math.isfinite(b["std"]) else float("nan")
-            v = verdict(d, spread, min(a["n"], b["n"]))
-            rows.append([f"{rate:g}", phase, _ms(a), _ms(b), _f(d), _f(spread),
-                         {"held": "sum higher", "did not hold": "pcgrad higher"}.get(v, v)])
+        for m in res["methods"]:
+            p = _cell(res, m, rate)
+            if m == BASELINE or p is None:
+                continue
+            for phase, key in (("first window", "auroc_first"), ("last window", "auroc"),
+                               ("eval pass, end", "auroc_pass")):
+                a, b = s[key], p[key]
+                d = a["mean"] - b["mean"]
+                ok = math.isfinite(a["std"]) and math.isfinite(b["std"])
+                spread = max(a["std"], b["std"]) if ok else float("nan")
+                v = verdict(d, spread, min(a["n"], b["n"]))
+                rows.append([f"{rate:g}", f"`{m}`", phase, _ms(a), _ms(b), _f(d), _f(spread),
+                             {"held": f"{BASELINE} higher", "did not hold": f"{m} higher"}.get(v, v)])
     if not rows:
-        return out + ["Not measured: the grid has no `sum` and `pcgrad` cells with misaligned triplets.", ""]
-    return out + _table(["misalignment", "when", "AUROC `sum`", "AUROC `pcgrad`", "sum - pcgrad", "spread",
-                         "reading"], rows) + [""]
+        return out + [f"Not measured: the grid has no `{BASELINE}` cell and another method with misaligned triplets.",
+                      ""]
+    return out + _table(["misalignment", "method", "when", f"AUROC `{BASELINE}`", "AUROC method",
+                         f"`{BASELINE}` - method", "spread", "reading"], rows) + [""]
