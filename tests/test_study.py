@@ -48,10 +48,13 @@ def test_smoke_study_end_to_end(tmp_path):
     assert "metrics_vs_misalignment.png" in text
     sessions = [json.loads((runs / r["name"] / "study_run.json").read_text())["sessions"] for r in res["runs"]]
     assert all(len(s) == 1 and s[0]["rc"] == 0 and s[0]["wall_s"] > 0 for s in sessions)
-    # resumable: a second invocation launches nothing
+    # resumable: a second invocation launches only the run without a completed summary.json
+    (runs / res["runs"][0]["name"] / "summary.json").unlink()
     assert main(argv + ["--no-report"]) == 0
-    for r in res["runs"]:
-        assert len(json.loads((runs / r["name"] / "study_run.json").read_text())["sessions"]) == 1
+    for i, r in enumerate(res["runs"]):
+        sessions = json.loads((runs / r["name"] / "study_run.json").read_text())["sessions"]
+        assert len(sessions) == (2 if i == 0 else 1)
+    assert json.loads((runs / res["runs"][0]["name"] / "summary.json").read_text())["status"] == "completed"
 
 
 def test_dry_run_prints_trainer_commands(tmp_path, capsys):
