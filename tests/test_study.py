@@ -3,13 +3,18 @@ from __future__ import annotations
 
 import csv
 import json
-import os
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from studies.harmonization import aggregate as agg
-from studies.harmonization.__main__ import main
+ROOT = str(Path(__file__).resolve().parent.parent)
+if ROOT not in sys.path:  # studies/ is not installed; bare `pytest` does not put the checkout on sys.path
+    sys.path.insert(0, ROOT)
+
+from studies.harmonization import aggregate as agg  # noqa: E402
+from studies.harmonization.__main__ import main  # noqa: E402
 
 
 def _seed(request) -> int:
@@ -92,6 +97,20 @@ def test_histogram_auroc_and_precision(request):
     assert (prec, chance) == (0.5, 0.5)
     prec, _ = agg.precision_at_kept(np.array([0.9, 0.8, -0.5, -0.6]), np.array([0, 0, 1, 1]), kept=0.5)
     assert prec == 1.0
+    # binned: exact when the cut falls on a bin edge of the sorted values
+    n_keep = int(np.ceil(0.5 * len(cos)))
+    cut = np.sort(cos)[::-1][n_keep - 1]
+    if (cos > cut).sum() + (cos == cut).sum() == n_keep:  # the cut bin is kept whole
+        p_binned = agg.precision_at_kept_from_histograms(h_al, h_mis)[0]
+        assert p_binned == pytest.approx(agg.precision_at_kept(cos, y)[0])
+    # ascending bins: the top bin holds 2 aligned, the middle 2 aligned + 2 misaligned, the lowest 2 misaligned
+    hist_al, hist_mis = [0, 2, 2], [2, 2, 0]
+    p_h, c_h = agg.precision_at_kept_from_histograms(hist_al, hist_mis, kept=0.25)  # the top bin alone
+    assert p_h == pytest.approx(1.0) and c_h == 0.5
+    p_h, _ = agg.precision_at_kept_from_histograms(hist_al, hist_mis, kept=0.5)  # 2 aligned + half of the middle
+    assert p_h == pytest.approx((2 + 1) / 4)
+    p_h, _ = agg.precision_at_kept_from_histograms(hist_al, hist_mis, kept=0.75)  # top and middle bins whole
+    assert p_h == pytest.approx(4 / 6)
 
 
 def test_verdict_rule():
@@ -187,3 +206,5 @@ def test_group_histograms_source(tmp_path):
     last = run["conflict_series"][-1]
     assert last["frac_neg_aligned"] == 0.0 and last["frac_neg_misaligned"] == 0.5
     assert last["auroc"] == 1.0 and last["n_aligned"] == 3 * 5
+    assert last["precision_at_kept"] == pytest.approx(15 / 17.5)  # top half of 35: 15 aligned + 2.5 misaligned
+    assert last["precision_chance"] == pytest.approx(15 / 35)

@@ -12,8 +12,9 @@ Conflict-score measurements (claims 1 and 3) come from the best source a run has
    negative-cosine fractions per group and, where a parameter-level cosine is present too, the
    Spearman rank correlation between the levels;
 2. histograms of the cosine split by group in the metrics records (``group_histograms``: a key
-   with ``hist`` and ``misaligned`` in its name and its partner with ``aligned``): AUROC and
-   negative fractions from the binned distributions (ties within a bin count half);
+   with ``hist`` and ``misaligned`` in its name and its partner with ``aligned``, bins evenly over
+   [-1, 1]), pooled into at most :data:`N_WINDOWS` windows: AUROC (ties within a bin count half),
+   precision at the kept fraction (the bin at the cut kept in proportion) and negative fractions;
 3. the trainer's own ``eval/auroc_conflict`` at evaluation steps (``trainer_auroc``): AUROC only.
 """
 from __future__ import annotations
@@ -147,6 +148,26 @@ def auroc_from_histograms(h_al: np.ndarray, h_mis: np.ndarray) -> float:
     a, m = a / a.sum(), m / m.sum()
     above = np.cumsum(a[::-1])[::-1] - a  # aligned mass in higher bins
     return float((m * (above + 0.5 * a)).sum())
+
+
+def precision_at_kept_from_histograms(h_al: np.ndarray, h_mis: np.ndarray,
+                                      kept: float = KEPT_FRACTION) -> tuple[float, float]:
+    """:func:`precision_at_kept` from binned counts (ascending bins): the top bins are kept whole, the
+    bin at the cut in proportion (its aligned share applies to the part kept)."""
+    a, m = np.asarray(h_al, dtype=np.float64)[::-1], np.asarray(h_mis, dtype=np.float64)[::-1]
+    n = a.sum() + m.sum()
+    if n <= 0:
+        return float("nan"), float("nan")
+    need, got, aligned = kept * n, 0.0, 0.0
+    for ai, mi in zip(a, m):
+        if got >= need:
+            break
+        if ai + mi <= 0:
+            continue
+        take = min(ai + mi, need - got)
+        aligned += take * ai / (ai + mi)
+        got += take
+    return float(aligned / got), float(a.sum() / n)
 
 
 def verdict(delta: float, spread: float, n: int, expect_positive: bool = True) -> str:
@@ -325,7 +346,9 @@ def conflict_series(folder: str, records: list[dict[str, Any]]) -> tuple[list[di
             nb = len(h["aligned"])
             neg = slice(0, nb // 2)  # bins evenly over [-1, 1]: the lower half is cos < 0
             a, m = h["aligned"], h["misaligned"]
+            prec, chance = precision_at_kept_from_histograms(a, m)
             series.append({"step": float(h["step"]), "auroc": auroc_from_histograms(a, m),
+                           "precision_at_kept": prec, "precision_chance": chance,
                            "frac_neg_aligned": float(a[neg].sum() / a.sum()) if a.sum() else float("nan"),
                            "frac_neg_misaligned": float(m[neg].sum() / m.sum()) if m.sum() else float("nan"),
                            "n_aligned": int(a.sum()), "n_misaligned": int(m.sum())})
