@@ -380,6 +380,7 @@ def read_run(folder: str) -> dict[str, Any]:
         "steps_planned": cfg.get("train", {}).get("steps"),
         "wall_s": study.get("wall_s", float("nan")), "train_time_s": summary.get("train_time_s", float("nan")),
         "final": {}, "chance": {}, "keys_used": {},
+        "eval_data": summary.get("eval_data"),  # the trainer's description of its evaluation split
     }
     evals = [r for r in records if any(k.startswith("eval/") for k in r)]
     last_eval = evals[-1] if evals else {}

@@ -125,6 +125,9 @@ def write_report(res: dict[str, Any], meta: dict[str, Any], path: str, raw: dict
         ["misalignment rates", ", ".join(f"{r:g}" for r in rates)],
         ["trainer options", "`--preset " + meta.get("preset", "?") + "` " + " ".join(
             f"`{k}={v}`" for k, v in sorted(meta.get("options", {}).items()))],
+        ["evaluation data", "; ".join(sorted({json.dumps(r["eval_data"]) if not isinstance(r["eval_data"], str)
+                                              else r["eval_data"] for r in res["runs"] if r.get("eval_data")}))
+         or "not described by the trainer (summary.json has no eval_data)"],
         ["machine", meta.get("machine", "?")],
         ["software", meta.get("software", "?")],
         ["commit", f"`{meta.get('commit', '?')}`"],
