@@ -1,0 +1,292 @@
+"""Raw results (JSON + CSV) and ``RESULTS.md``, written from the aggregated results only.
+
+Every statement of the form "held / did not hold / within noise" comes from
+:func:`studies.harmonization.aggregate.verdict` applied to the numbers in the tables; nothing
+here knows what the outcome is.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from collections import Counter
+from typing import Any
+
+from .aggregate import CONFLICT_FIELDS, KEPT_FRACTION, METRIC_BY_ID, METRICS, PRIMARY, verdict
+from .grid import BASELINE, CLAIMS, METHODS
+
+__all__ = ["write_raw", "write_report"]
+
+
+def _clean(x: Any) -> Any:
+    """JSON-safe: NaN/inf -> None, numpy scalars -> Python."""
+    if isinstance(x, dict):
+        return {k: _clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
+    if hasattr(x, "item") and not isinstance(x, (str, bytes)):
+        x = x.item()
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+def write_raw(res: dict[str, Any], meta: dict[str, Any], folder: str) -> dict[str, str]:
+    """``results.json`` (everything), ``runs.csv`` (one row per run), ``cells.csv`` (one row per cell x metric)."""
+    os.makedirs(folder, exist_ok=True)
+    paths = {k: os.path.join(folder, f) for k, f in (("json", "results.json"), ("runs", "runs.csv"),
+                                                        ("cells", "cells.csv"))}
+    runs = [{k: v for k, v in r.items() if k != "histograms"} for r in res["runs"]]
+    with open(paths["json"], "w", encoding="utf-8") as f:
+        json.dump(_clean({"meta": meta, **{k: v for k, v in res.items() if k != "runs"}, "runs": runs}), f, indent=1)
+    with open(paths["runs"], "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        head = ["name", "method", "seed", "misalignment", "status", "steps", "wall_s", "train_time_s",
+                "conflict_source"]
+        w.writerow(head + [m.id for m in METRICS] + [f"conflict_{c}" for c in (*CONFLICT_FIELDS, "auroc_first")])
+        for r in res["runs"]:
+            w.writerow([r[k] for k in head] + [r["final"].get(m.id, "") for m in METRICS]
+                       + [r["conflict_final"][c] for c in (*CONFLICT_FIELDS, "auroc_first")])
+    with open(paths["cells"], "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["method", "misalignment", "quantity", "mean", "std", "n", "chance", "chance_within_class"])
+        for c in res["cells"]:
+            for q in ("steps", "wall_s", "train_time_s", *[m.id for m in METRICS], *CONFLICT_FIELDS, "auroc_first"):
+                v = c[q]
+                w.writerow([c["method"], c["misalignment"], q, v["mean"], v["std"], v["n"], v.get("chance", ""),
+                            v.get("chance_within_class", "")])
+    return paths
+
+
+# ------------------------------------------------------------------ formatting
+
+
+def _f(x: float, nd: int = 3) -> str:
+    return "—" if x is None or not math.isfinite(x) else f"{x:.{nd}f}"
+
+
+def _ms(v: dict[str, Any], nd: int = 3) -> str:
+    if v["n"] == 0 or not math.isfinite(v["mean"]):
+        return "—"
+    sd = f" ± {v['std']:.{nd}f}" if math.isfinite(v["std"]) else ""
+    return f"{v['mean']:.{nd}f}{sd} (n={v['n']})"
+
+
+def _table(head: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def _cell(res: dict[str, Any], m: str, rate: float) -> Any:
+    return next((c for c in res["cells"] if c["method"] == m and c["misalignment"] == rate), None)
+
+
+def _tally(rows: list[dict[str, Any]]) -> str:
+    c = Counter(r["verdict"] for r in rows)
+    order = ("held", "did not hold", "within noise", "one seed (no spread)", "not measured")
+    return ", ".join(f"{k}: {c[k]}" for k in order if c[k]) or "no comparisons"
+
+
+def _rel(path: str, start: str) -> str:
+    return os.path.relpath(path, start).replace(os.sep, "/")
+
+
+# ------------------------------------------------------------------ report
+
+
+def write_report(res: dict[str, Any], meta: dict[str, Any], path: str, raw: dict[str, str], figures: list[str]) -> str:
+    """Write ``RESULTS.md`` at ``path`` from ``res`` (see :func:`studies.harmonization.aggregate.collect`)."""
+    here = os.path.dirname(os.path.abspath(path))
+    fig = {os.path.basename(p): _rel(p, here) for p in figures}
+    rates, methods = res["rates"], res["methods"]
+    L: list[str] = ["# Results: what gradient harmonization does, measured", ""]
+    if meta.get("profile") == "smoke":
+        L += ["> **Smoke profile**: two training steps on seconds-sized shapes and one seed. These numbers prove "
+              "that the study runs end to end; they measure nothing.", ""]
+    L += [
+        "The claims of *Scaling Multimodal Pre-Training via Cross-Modality Gradient Harmonization* (Wu et al., "
+        "NeurIPS 2022), each as an experiment on this package's reference VATT trainer, on the embedded data "
+        "(held-out evaluation). Every number below is computed by `studies/harmonization` from the run folders; "
+        "the verdicts are derived from the numbers by one rule:",
+        "",
+        "* an effect is compared with the **seed spread**: the larger standard deviation over seeds of the cells "
+        "compared (sample std, ddof = 1);",
+        "* **within noise**: |effect| <= spread; **held**: the effect is larger than the spread in the direction the "
+        "paper claims; **did not hold**: larger than the spread in the other direction; **one seed (no spread)**: "
+        "fewer than two seeds, no verdict; **not measured**: the trainer did not record what is needed.",
+        "",
+        "## Setup",
+        "",
+    ]
+    L += _table(["", ""], [
+        ["grid", f"{len(methods)} methods x {len(meta.get('seeds', []))} seeds x {len(rates)} misalignment rates"],
+        ["methods", "; ".join(f"`{m}` = {METHODS[m].label}" for m in methods)],
+        ["seeds", ", ".join(map(str, meta.get("seeds", [])))],
+        ["misalignment rates", ", ".join(f"{r:g}" for r in rates)],
+        ["trainer options", "`--preset " + meta.get("preset", "?") + "` " + " ".join(
+            f"`{k}={v}`" for k, v in sorted(meta.get("options", {}).items()))],
+        ["evaluation data", "; ".join(sorted({json.dumps(r["eval_data"]) if not isinstance(r["eval_data"], str)
+                                              else r["eval_data"] for r in res["runs"] if r.get("eval_data")}))
+         or "not described by the trainer (summary.json has no eval_data)"],
+        ["machine", meta.get("machine", "?")],
+        ["software", meta.get("software", "?")],
+        ["commit", f"`{meta.get('commit', '?')}`"],
+        ["made", meta.get("date", "?")],
+    ])
+    L += ["", "Reproduce everything (runs already finished are not re-run; the claims share their runs):", "",
+          "```bash", meta.get("command_all", ""), "```", ""]
+
+    # cost
+    L += ["## Cost", "", "Steps and wall time per run (mean ± std over seeds; wall time includes start-up and "
+          "evaluations, *train s* only the training steps).", ""]
+    rows = []
+    for m in methods:
+        for r in rates:
+            c = _cell(res, m, r)
+            if c:
+                rows.append([f"`{m}`", f"{r:g}", _ms(c["steps"], 0), _ms(c["wall_s"], 1), _ms(c["train_time_s"], 1)])
+    L += _table(["method", "misalignment", "steps", "wall s", "train s"], rows)
+    total = sum(x["wall_s"] for x in res["runs"] if x["wall_s"] is not None and math.isfinite(x["wall_s"]))
+    L += ["", f"{len(res['runs'])} run folders, {total / 60:.1f} min of run wall time in all "
+          f"({meta.get('jobs', '?')} job(s) at a time).", ""]
+
+    # claim 1
+    L += [f"## 1. Conflicts mark noise", "", f"*Question.* {CLAIMS['conflicts'].question}", "",
+          f"*Command.* `{meta['commands']['conflicts']}`", ""]
+    L += ["Fraction of negative per-sample cosines in the last training window, aligned vs misaligned triplets "
+          "(feature level: the shared video representation), and the difference (claim: misaligned > aligned).", ""]
+    rows = []
+    for v in res["verdicts"]["conflicts"]:
+        c = _cell(res, v["method"], v["misalignment"])
+        rows.append([f"`{v['method']}`", f"{v['misalignment']:g}", _ms(c["frac_neg_aligned"]),
+                     _ms(c["frac_neg_misaligned"]), _f(v["delta"]), _f(v["spread"]), v["verdict"]])
+    L += _table(["method", "misalignment", "neg. fraction aligned", "neg. fraction misaligned", "difference",
+                 "spread", "verdict"], rows)
+    L += ["", f"Tally: {_tally(res['verdicts']['conflicts'])}.", ""]
+    sp = [(c["method"], c["misalignment"], c["spearman_feature_param"]) for c in res["cells"]
+          if c["spearman_feature_param"]["n"]]
+    if sp:
+        L += ["Do the feature and parameter levels agree per sample? Spearman rank correlation of the two cosines "
+              "on the same run:", ""]
+        L += _table(["method", "misalignment", "Spearman (feature vs parameter)"],
+                    [[f"`{m}`", f"{r:g}", _ms(v)] for m, r, v in sp])
+        L += [""]
+    else:
+        L += ["Parameter-level cosines on the same run: **not measured** (see *Missing measurements*).", ""]
+    if "cosine_distributions.png" in fig:
+        L += [f"![cosine distributions]({fig['cosine_distributions.png']})", ""]
+
+    # claim 2
+    L += ["## 2. Realignment and curriculum help, or do not", "", f"*Question.* {CLAIMS['methods'].question}", "",
+          f"*Command.* `{meta['commands']['methods']}`", ""]
+    for mid in PRIMARY:
+        met = METRIC_BY_ID[mid]
+        L += [f"**{met.label}** (`{mid}`), held-out, end of training:", ""]
+        rows = [[f"`{m}`"] + [_ms(_cell(res, m, r)[mid]) if _cell(res, m, r) else "—" for r in rates]
+                for m in methods]
+        ch = [next((c[mid]["chance"] for c in res["cells"] if c["misalignment"] == r), float("nan")) for r in rates]
+        rows.append(["chance"] + [_f(x) for x in ch])
+        wc = [next((c[mid]["chance_within_class"] for c in res["cells"] if c["misalignment"] == r), float("nan"))
+              for r in rates]
+        if any(math.isfinite(x) for x in wc):
+            rows.append(["within-class chance"] + [_f(x) for x in wc])
+        L += _table(["method"] + [f"misalignment {r:g}" for r in rates], rows) + [""]
+    L += [f"Each method minus `{BASELINE}` on the metrics above (claim: higher):", ""]
+    rows = [[f"`{v['method']}`", f"{v['misalignment']:g}", f"`{v['metric']}`", _f(v["delta"]), _f(v["spread"]),
+             v["verdict"]] for v in res["verdicts"]["methods"]]
+    L += _table(["method", "misalignment", "metric", f"minus `{BASELINE}`", "spread", "verdict"], rows)
+    L += [""] + [f"* `{m}`: {_tally([v for v in res['verdicts']['methods'] if v['method'] == m])}"
+                 for m in methods if m != BASELINE] + [""]
+    other = [m.id for m in METRICS if m.id not in PRIMARY]
+    L += [f"The other metrics ({', '.join(f'`{x}`' for x in other)}) are in [{_rel(raw['cells'], here)}]"
+          f"({_rel(raw['cells'], here)}).", ""]
+    if "metrics_vs_misalignment.png" in fig:
+        L += [f"![metrics vs misalignment]({fig['metrics_vs_misalignment.png']})", ""]
+
+    # claim 3
+    L += ["## 3. The curriculum's score finds the noise", "", f"*Question.* {CLAIMS['score'].question}", "",
+          f"*Command.* `{meta['commands']['score']}`", "",
+          f"AUROC of the negated per-sample cosine against the misaligned labels (chance 0.5), in the first and last "
+          f"training window, and the share of aligned triplets among the {KEPT_FRACTION:g} of each window with the "
+          f"highest cosine (chance: the aligned share overall). Rate 0 has no misaligned triplet: undefined.", ""]
+    rows = []
+    for v in res["verdicts"]["score"]:
+        c = _cell(res, v["method"], v["misalignment"])
+        rows.append([f"`{v['method']}`", f"{v['misalignment']:g}", _ms(c["auroc_first"]), _ms(c["auroc"]),
+                     _ms(c["auroc_pass"]), _ms(c["precision_at_kept"]), _ms(c["precision_chance"]), v["verdict"]])
+    L += _table(["method", "misalignment", "AUROC first window", "AUROC last window", "AUROC eval pass",
+                 f"precision at kept {KEPT_FRACTION:g}", "chance", "verdict (last AUROC > 0.5)"], rows)
+    L += ["", f"Tally: {_tally(res['verdicts']['score'])}. Source of the scores per run: "
+          + ", ".join(sorted({r['conflict_source'] for r in res['runs']})) + ".", ""]
+    L += _sum_vs_pcgrad(res)
+    if "auroc_over_training.png" in fig:
+        L += [f"![AUROC over training]({fig['auroc_over_training.png']})", ""]
+
+    # claim 4
+    L += ["## 4. Scaling with noise", "", f"*Question.* {CLAIMS['scaling'].question}", "",
+          f"*Command.* `{meta['commands']['scaling']}`", "",
+          f"Gain over `{BASELINE}` at the lowest and the highest misalignment rate, and its change (claim: the gain "
+          "grows with noise); spread = the largest seed std of the four cells.", ""]
+    rows = [[f"`{v['method']}`", f"`{v['metric']}`", _f(v["gap_low"]), _f(v["gap_high"]), _f(v["delta"]),
+             _f(v["spread"]), v["verdict"]] for v in res["verdicts"]["scaling"]]
+    lo_hi = res["verdicts"]["scaling"][0]["rates"] if res["verdicts"]["scaling"] else ["?", "?"]
+    L += _table(["method", "metric", f"gain at {lo_hi[0]:g}" if rows else "gain low",
+                 f"gain at {lo_hi[1]:g}" if rows else "gain high", "change", "spread", "verdict"], rows)
+    L += ["", f"Tally: {_tally(res['verdicts']['scaling'])}.", ""]
+
+    # gaps
+    L += ["## Missing measurements", ""]
+    L += ([f"* {m}" for m in res["missing"]] if res["missing"] else ["None: every measurement above was recorded."])
+    L += [""]
+    if res["failed"]:
+        L += ["## Runs that did not finish", ""] + [f"* `{f['name']}`: {f['status']}" for f in res["failed"]] + [""]
+    if res.get("excluded"):
+        L += ["## Runs left out", "", "Finished runs of another length than the report's (not pooled):", ""]
+        L += [f"* `{n}`" for n in res["excluded"]] + [""]
+    L += ["## Raw results", "",
+          f"* [{_rel(raw['json'], here)}]({_rel(raw['json'], here)}): everything above, per run and per cell, "
+          "with the series over training;",
+          f"* [{_rel(raw['runs'], here)}]({_rel(raw['runs'], here)}): one row per run;",
+          f"* [{_rel(raw['cells'], here)}]({_rel(raw['cells'], here)}): one row per method x misalignment x "
+          "quantity (mean, std, n, chance).", ""]
+    text = "\n".join(L)
+    os.makedirs(here, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+    return text
+
+
+def _sum_vs_pcgrad(res: dict[str, Any]) -> list[str]:
+    """Why does the score's AUROC differ between `sum` and `pcgrad`? Each method against `sum`, early and late."""
+    out = ["*Does realignment change what the score sees?* The score is the cosine of the per-sample gradients "
+           "*before* realignment, so PCGrad changes it only through the model it trains, and the curriculum "
+           "through which triplets train the video path. The trainer's default (`gradharmony-pretrain` without "
+           "options) is `pcgrad` with the fraction curriculum, i.e. `pcgrad+curriculum` here; the grid separates "
+           "the two. If a method's AUROC gap to `sum` is absent in the first window and opens later, it comes "
+           "from training (e.g. a model that fits the misaligned triplets, whose gradients then conflict less); "
+           "if it is there from the start, it does not. The *eval pass* rows score each method's end-of-training "
+           "model with the same frozen measurement (no DropToken, eval mode, no curriculum): a gap there is a "
+           "property of the trained model, not of how the score was collected during training.", ""]
+    rows = []
+    for rate in res["rates"]:
+        s = _cell(res, BASELINE, rate)
+        if rate <= 0 or s is None:
+            continue
+        for m in res["methods"]:
+            p = _cell(res, m, rate)
+            if m == BASELINE or p is None:
+                continue
+            for phase, key in (("first window", "auroc_first"), ("last window", "auroc"),
+                               ("eval pass, end", "auroc_pass")):
+                a, b = s[key], p[key]
+                d = a["mean"] - b["mean"]
+                ok = math.isfinite(a["std"]) and math.isfinite(b["std"])
+                spread = max(a["std"], b["std"]) if ok else float("nan")
+                v = verdict(d, spread, min(a["n"], b["n"]))
+                rows.append([f"{rate:g}", f"`{m}`", phase, _ms(a), _ms(b), _f(d), _f(spread),
+                             {"held": f"{BASELINE} higher", "did not hold": f"{m} higher"}.get(v, v)])
+    if not rows:
+        return out + [f"Not measured: the grid has no `{BASELINE}` cell and another method with misaligned triplets.",
+                      ""]
+    return out + _table(["misalignment", "method", "when", f"AUROC `{BASELINE}`", "AUROC method",
+                         f"`{BASELINE}` - method", "spread", "reading"], rows) + [""]
