@@ -21,12 +21,13 @@ through the video path); the audio and text paths are not re-weighted.
 """
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Optional
 
 import numpy as np
@@ -36,21 +37,29 @@ from torch.nn.parallel import DistributedDataParallel
 
 import gradharmony as gh
 
-from .checkpoint import capture_rng, find_latest, list_checkpoints, load_checkpoint, restore_rng, save_checkpoint
+from .checkpoint import (apply_resumed_hyperparameters, capture_rng, check_resume_config, find_latest,
+                         list_checkpoints, load_checkpoint, remove_stale_tmp, restore_rng, save_checkpoint)
 from .config import Config, ConfigError
-from .data import ClipDataset, EpochBatchSampler, Subset, load_batch
+from .data import ClipDataset, DataError, EpochBatchSampler, Subset, load_batch
 from .distributed import DistContext, all_gather_tensor, all_reduce_mean, barrier
 from .evaluate import ScoreTracker, conflict_auroc, conflict_scores, evaluate
 from .losses import gather_features, mil_nce_per_sample, nce_per_sample
+from .metering import Meter, MetricsLog, StepOutput
 from .model import VATT
 
-__all__ = ["TrainState", "Trainer", "NonFiniteLossError", "build_datasets", "warmup_cosine"]
-
-HIST_BINS = 20  # conflict-score histogram bins over [-1, 1]
+__all__ = ["TrainState", "Trainer", "NonFiniteLossError", "RunIOError", "build_datasets", "warmup_cosine"]
 
 
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN/inf."""
+
+
+class RunIOError(RuntimeError):
+    """Writing the run folder failed during training (disk full, folder removed, ...).
+
+    The message says what failed and what was kept (the last checkpoint, the metrics up to it).
+    The command line exits with code 3 for it.
+    """
 
 
 @dataclass
@@ -61,35 +70,6 @@ class TrainState:
     samples_seen: int = 0
     train_time_s: float = 0.0
     last_checkpoint: Optional[str] = None
-
-
-@dataclass
-class Meter:
-    """Sums over the current logging interval."""
-
-    n: int = 0
-    loss: float = 0.0
-    loss_va: float = 0.0
-    loss_vt: float = 0.0
-    conflict_fraction: float = 0.0
-    kept_fraction: float = 0.0
-    score_sum: float = 0.0
-    score_n: int = 0
-    hist: list[float] = field(default_factory=lambda: [0.0] * HIST_BINS)
-    time_s: float = 0.0
-    samples: int = 0
-
-
-@dataclass
-class StepOutput:
-    """What one training step reports (global values, averaged over ranks)."""
-
-    loss: float
-    loss_va: float
-    loss_vt: float
-    conflict_fraction: float = float("nan")
-    kept_fraction: float = float("nan")
-    scores: Optional[Tensor] = None  # (B_global,) conflict scores (CPU)
 
 
 # ---------------------------------------------------------------------- builders
@@ -144,8 +124,22 @@ def _ground_truth(ds: ClipDataset) -> np.ndarray:
 # ---------------------------------------------------------------------- trainer
 
 
+def skipped_counts(*datasets: Optional[ClipDataset]) -> int:
+    """Number of bad manifest clips skipped (``--skip-bad``) in distinct data sets (Subsets count their base)."""
+    seen: list[Any] = []
+    for ds in datasets:
+        base = getattr(ds, "base", ds)
+        if ds is not None and not any(base is b for b in seen):
+            seen.append(base)
+    return sum(len(getattr(b, "skipped", ())) for b in seen)
+
+
 class Trainer:
-    """Owns model, optimizer, scheduler, harmonizer, data position and logging; see module docstring."""
+    """Owns model, optimizer, scheduler, harmonizer, data position and the loop; see module docstring.
+
+    Metering and the metrics file are in :mod:`.metering`; checkpoint files and the resume
+    policy in :mod:`.checkpoint`.
+    """
 
     def __init__(self, cfg: Config, ctx: Optional[DistContext] = None,
                  datasets: Optional[tuple[ClipDataset, ClipDataset, Optional[ClipDataset]]] = None,
@@ -160,12 +154,17 @@ class Trainer:
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         self.train_set, self.eval_set, self.probe_set = datasets or build_datasets(cfg)
+        t = cfg.train
+        if len(self.train_set) < t.batch_size:
+            where = cfg.data.manifest or "the training data"
+            raise DataError(f"{where}: {len(self.train_set)} usable clips "
+                            f"({len(getattr(self.train_set, 'skipped', ()))} skipped) is fewer than one batch "
+                            f"(--batch-size {t.batch_size})")
+        self.skipped = skipped_counts(self.train_set, self.eval_set, self.probe_set)
         self.model = self._build_model()
         self.optimizer = torch.optim.Adam(self.raw_model.parameters(), lr=cfg.train.lr,
                                           weight_decay=cfg.train.weight_decay)
-        t = cfg.train
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: warmup_cosine(s, t.warmup_steps, t.steps, t.min_lr_ratio))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_at)
         self.curriculum = build_curriculum(cfg)
         self.harmonizer: Optional[gh.Harmonizer] = None
         self.hopt: Optional[gh.HarmonizedOptimizer] = None
@@ -175,10 +174,16 @@ class Trainer:
         self.tracker = ScoreTracker(_ground_truth(self.train_set))
         self.state = TrainState()
         self.meter = Meter()
-        self._last_stats_obj: Optional[Any] = None  # gh.ConflictStats of the last step
+        self._last_stats_obj: Optional[gh.ConflictStats] = None  # global statistics of the last step
         self.run_dir = t.out or time.strftime(f"runs/vatt-{cfg.preset}-%Y%m%d-%H%M%S", time.gmtime())
         self.metrics_path = os.path.join(self.run_dir, "metrics.jsonl")
+        self.metrics = MetricsLog(self.metrics_path, enabled=self.ctx.is_main)
         self.ckpt_dir = os.path.join(self.run_dir, "checkpoints")
+        self.backend_load_s = 0.0
+
+    def _lr_at(self, step: int) -> float:
+        t = self.cfg.train
+        return warmup_cosine(step, t.warmup_steps, t.steps, t.min_lr_ratio)
 
     # -------------------------------------------------------------- construction
 
@@ -206,6 +211,34 @@ class Trainer:
                                                granularity="sample", chunk_size=h.chunk_size, backend=h.backend,
                                                nonfinite=h.nonfinite)
 
+    @property
+    def harmony(self) -> Optional[Any]:
+        """The harmonizer (feature level) or the harmonized optimizer (parameter level); owns the curriculum."""
+        return self.harmonizer if self.harmonizer is not None else self.hopt
+
+    def load_backend(self) -> float:
+        """Load the harmonization backend before the timer starts (the first use JIT-compiles the C++ ops).
+
+        Runs one tiny harmonization of the configured rule and backend on the device, leaving every
+        RNG untouched. Returns the seconds it took (``backend_load_s`` in the summary).
+        """
+        h = self.cfg.harmony
+        if h.level == "none":
+            return 0.0
+        from ..kernels import ext
+
+        if self.ctx.is_main and ext.ops_source() is None and h.backend in ("auto", "cpp", "cuda"):
+            print("[gradharmony-pretrain] loading the harmonization backend (the first use compiles the C++ "
+                  "extension, ~30 s, once; not counted as training time)...", flush=True)
+        tic = time.perf_counter()
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            g = torch.randn(2, 2, 8, generator=torch.Generator().manual_seed(0)).to(self.device)
+            gh.harmonize(g, h.method, backend=h.backend)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - tic
+
     # -------------------------------------------------------------- one step
 
     def next_batch(self) -> tuple[dict[str, Tensor], np.ndarray]:
@@ -227,7 +260,7 @@ class Trainer:
         return l_va, l_vt
 
     def train_step(self, batch: dict[str, Tensor]) -> StepOutput:
-        """Forward, harmonized backward, optimizer/scheduler/curriculum step."""
+        """Forward, harmonized backward, optimizer/scheduler step; the harmonizer steps its curriculum."""
         self.model.train()
         zero_grad = self.hopt.zero_grad if self.hopt is not None else self.optimizer.zero_grad
         zero_grad(set_to_none=True)
@@ -241,13 +274,14 @@ class Trainer:
             self.hopt.backward([0.5 * l_va / n, 0.5 * l_vt / n])
         else:
             loss.backward()
-        stats = self._last_stats()
+        harmony = self.harmony
+        stats = None if harmony is None else harmony.last_stats
         if self.cfg.train.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), self.cfg.train.grad_clip)
-        (self.hopt or self.optimizer).step()
+        (self.hopt or self.optimizer).step()  # HarmonizedOptimizer.step also steps its curriculum
         self.scheduler.step()
-        if self.curriculum is not None and self.hopt is None:
-            self.curriculum.step()
+        if self.harmonizer is not None:
+            self.harmonizer.step()  # the curriculum, once per step
         return self._step_output(loss, l_va, l_vt, stats)
 
     def _check_finite(self, loss: Tensor) -> None:
@@ -255,15 +289,13 @@ class Trainer:
         if float(all_reduce_mean(bad, self.ctx)) > 0:
             raise NonFiniteLossError(f"non-finite loss ({float(loss.detach()):.4g}) at step {self.state.step + 1}")
 
-    def _last_stats(self) -> Optional[Any]:
-        src = self.harmonizer if self.harmonizer is not None else self.hopt
-        return None if src is None else src.last_stats
+    def _step_output(self, loss: Tensor, l_va: Tensor, l_vt: Tensor,
+                     stats: Optional[gh.ConflictStats]) -> StepOutput:
+        """Global step values with one device->host copy: losses averaged over ranks, statistics gathered.
 
-    def _step_output(self, loss: Tensor, l_va: Tensor, l_vt: Tensor, stats: Optional[Any]) -> StepOutput:
-        """Global step values with one device->host copy: losses averaged over ranks, scores gathered.
-
-        conflict fraction = share of the global batch with score < 0; kept fraction = mean raw
-        curriculum weight (1 without curriculum), as in ``gh.ConflictStats``.
+        The per-sample score, curriculum weight, applied weight and cosines of every rank are
+        gathered into one ``gh.ConflictStats`` of the global batch (CPU), which gives the
+        conflict fraction, kept fraction and histogram.
         """
         means = torch.stack([loss.detach(), l_va.detach().mean(), l_vt.detach().mean()]).float()
         means = all_reduce_mean(means, self.ctx)
@@ -271,20 +303,30 @@ class Trainer:
             red = means.cpu().tolist()
             return StepOutput(loss=red[0], loss_va=red[1], loss_vt=red[2])
         score = stats.score.detach().float().reshape(-1)
+        b, k = score.shape[0], stats.cos.shape[-1]
         cw = stats.curriculum_weights
-        kept = (torch.ones_like(score) if cw is None else cw.detach().float().reshape(-1))
-        per_sample = all_gather_tensor(torch.stack([score, kept], dim=1), self.ctx)  # (B_global, 2)
+        cols = [score, torch.ones_like(score) if cw is None else cw.detach().float().reshape(-1),
+                stats.sample_weights.detach().float().reshape(-1), stats.cos.detach().float().reshape(b, k * k)]
+        per_sample = all_gather_tensor(torch.cat([c.reshape(b, -1) for c in cols], dim=1), self.ctx)
+        width = per_sample.shape[1]
         flat = torch.cat([means, per_sample.reshape(-1)]).cpu()
-        red, per_sample = flat[:3].tolist(), flat[3:].view(-1, 2)
-        self._last_stats_obj = stats
-        return StepOutput(loss=red[0], loss_va=red[1], loss_vt=red[2],
-                          conflict_fraction=float((per_sample[:, 0] < 0).float().mean()),
-                          kept_fraction=float(per_sample[:, 1].mean()), scores=per_sample[:, 0])
+        red, per_sample = flat[:3].tolist(), flat[3:].view(-1, width)
+        threshold = stats.threshold
+        glob = gh.ConflictStats(cos=per_sample[:, 3:].reshape(-1, k, k), score=per_sample[:, 0],
+                                sample_weights=per_sample[:, 2],
+                                curriculum_weights=None if cw is None else per_sample[:, 1],
+                                threshold=None if threshold is None else float(threshold))
+        self._last_stats_obj = glob
+        return StepOutput(loss=red[0], loss_va=red[1], loss_vt=red[2], stats=glob)
 
     # -------------------------------------------------------------- loop
 
     def fit(self) -> dict[str, Any]:
-        """Train to ``train.steps`` (or ``stop_after`` steps this session); returns the summary."""
+        """Train to ``train.steps`` (or ``stop_after`` steps this session); returns the summary.
+
+        Raises :class:`ConfigError` naming ``--out`` when the run folder cannot be written at the
+        start, and :class:`RunIOError` when a write fails during training.
+        """
         t = self.cfg.train
         if t.resume == "latest" and find_latest(self.ckpt_dir) is None:
             if self.ctx.is_main:  # first session of a preemptible job: nothing to resume yet
@@ -297,6 +339,9 @@ class Trainer:
         barrier(self.ctx)
         if self.ctx.is_main:
             self._prepare_run_dir()
+        if self.ctx.is_main and self.skipped:
+            print(f"[gradharmony-pretrain] --skip-bad: {self.skipped} bad clips skipped", flush=True)
+        self.backend_load_s = self.load_backend()
         stop_at = t.steps if t.stop_after is None else min(t.steps, self.state.step + t.stop_after)
         self._stop_at = stop_at
         status = "completed" if stop_at == t.steps else "stopped"
@@ -321,9 +366,9 @@ class Trainer:
         dt = time.perf_counter() - tic
         self.state.samples_seen += t.batch_size
         self.state.train_time_s += dt
-        if res.scores is not None:
-            self.tracker.update(glob, res.scores, self.state.step)
-        self._accumulate(res, dt)
+        if res.stats is not None:
+            self.tracker.update(glob, res.stats.score, self.state.step)
+        self.meter.add(res, dt, t.batch_size)
         step = self.state.step
         if step % t.log_every == 0 or step == t.steps:
             self._log_interval()
@@ -343,46 +388,18 @@ class Trainer:
 
         return tqdm(total=self.cfg.train.steps, initial=self.state.step, desc="vatt", dynamic_ncols=True)
 
-    def _accumulate(self, res: StepOutput, dt: float) -> None:
-        m = self.meter
-        m.n += 1
-        m.loss += res.loss
-        m.loss_va += res.loss_va
-        m.loss_vt += res.loss_vt
-        m.time_s += dt
-        m.samples += self.cfg.train.batch_size
-        if res.scores is not None:
-            m.conflict_fraction += res.conflict_fraction
-            m.kept_fraction += res.kept_fraction
-            s = res.scores.double().clamp(-1, 1).numpy()
-            m.score_sum += float(s.sum())
-            m.score_n += len(s)
-            counts = np.histogram(s, bins=HIST_BINS, range=(-1.0, 1.0))[0]
-            m.hist = [a + float(b) for a, b in zip(m.hist, counts)]
-
     def _log_interval(self) -> None:
-        m = self.meter
-        rec: dict[str, Any] = {"step": self.state.step, "loss": m.loss / m.n, "train/loss": m.loss / m.n,
-                               "train/loss_va": m.loss_va / m.n, "train/loss_vt": m.loss_vt / m.n,
-                               "train/lr": self.scheduler.get_last_lr()[0],
-                               "train/samples_per_s": m.samples / max(m.time_s, 1e-9),
-                               "train/epoch": self.sampler.epoch}
-        if m.score_n:
-            rec.update({"train/conflict_fraction": m.conflict_fraction / m.n,
-                        "train/kept_fraction": m.kept_fraction / m.n,
-                        "train/score_mean": m.score_sum / m.score_n, "train/score_hist": m.hist})
-            last = self._last_stats_obj
-            if last is not None:  # this rank's statistics of the interval's last step
-                rec.update({k: float(v) for k, v in last.to_dict(prefix="train/conflict/").items()})
+        rec = self.meter.record(self.state.step, self.scheduler.get_last_lr()[0], self.sampler.epoch,
+                                self._last_stats_obj)
         self.meter = Meter()
         self.log(rec)
 
     def log(self, rec: dict[str, Any]) -> None:
         """Append one JSON record to metrics.jsonl (rank 0)."""
-        if not self.ctx.is_main:
-            return
-        with open(self.metrics_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(rec) + "\n")
+        try:
+            self.metrics.append(rec)
+        except OSError as e:
+            raise self._io_error(self.metrics_path, e) from None
 
     def run_eval(self) -> dict[str, float]:
         """Evaluation on rank 0 (others wait); also the conflict-score AUROC. Logged as ``eval/``."""
@@ -410,7 +427,27 @@ class Trainer:
                                  self.cfg.model.temperature, limit)
         return conflict_auroc(scores, self.tracker.misaligned[:limit])
 
+    def _final_eval(self) -> dict[str, float]:
+        """The final evaluation, or the one already logged for this step (a finished run resumed again)."""
+        if self.ctx.is_main:
+            done = [r for r in self.metrics.records()
+                    if r.get("step") == self.state.step and any(k.startswith("eval/") for k in r)]
+            if done:
+                barrier(self.ctx)
+                return {k: v for k, v in done[-1].items() if k.startswith("eval/")}
+        return self.run_eval()
+
     # -------------------------------------------------------------- failure / end
+
+    def _io_error(self, path: str, err: OSError) -> RunIOError:
+        last = self.state.last_checkpoint or find_latest(self.ckpt_dir)
+        why = err.strerror or str(err)
+        if err.errno == errno.ENOSPC:
+            why = "no space left on the device"
+        kept = (f"kept: the checkpoint {last} and the metrics in {self.metrics_path} up to it; "
+                f"free space and continue with --resume latest" if last else
+                "kept: nothing (no checkpoint written yet); free space and start again")
+        return RunIOError(f"--out: cannot write {path} at step {self.state.step} ({why}); {kept}")
 
     def _on_nonfinite(self, err: Exception) -> None:
         last = self.state.last_checkpoint or find_latest(self.ckpt_dir)
@@ -425,43 +462,64 @@ class Trainer:
     def _finish(self, status: str) -> dict[str, Any]:
         summary: dict[str, Any] = {"status": status, "step": self.state.step,
                                    "train_time_s": self.state.train_time_s,
+                                   "backend_load_s": self.backend_load_s,
+                                   "data/skipped": self.skipped,
                                    "last_checkpoint": self.state.last_checkpoint}
         if status == "completed":
-            summary.update(self.run_eval())
+            summary.update(self._final_eval())
             if self.ctx.is_main and self.cfg.train.plots:
                 from .plots import make_plots
 
                 summary["plots"] = make_plots(self.metrics_path, os.path.join(self.run_dir, "plots"))
         if self.ctx.is_main:
-            with open(os.path.join(self.run_dir, "summary.json"), "w", encoding="utf-8") as f:
-                json.dump(summary, f, indent=2)
+            path = os.path.join(self.run_dir, "summary.json")
+            try:
+                with open(path, "w", encoding="utf-8") as f:
+                    json.dump(summary, f, indent=2)
+            except OSError as e:
+                raise self._io_error(path, e) from None
         return summary
 
-    # -------------------------------------------------------------- checkpoints
+    # -------------------------------------------------------------- run folder and checkpoints
 
     def _prepare_run_dir(self) -> None:
-        os.makedirs(self.run_dir, exist_ok=True)
-        if self.state.step == 0:
-            for old in list_checkpoints(self.ckpt_dir):  # only reached with --overwrite
-                os.unlink(old)
-        with open(os.path.join(self.run_dir, "config.json"), "w", encoding="utf-8") as f:
-            json.dump(self.cfg.to_dict(), f, indent=2)
-        _truncate_metrics(self.metrics_path, self.state.step)
+        """Create/check the run folder (a failure is a bad ``--out``), write config.json, tidy up."""
+        try:
+            os.makedirs(self.run_dir, exist_ok=True)
+            with open(os.path.join(self.run_dir, "config.json"), "w", encoding="utf-8") as f:
+                json.dump(self.cfg.to_dict(), f, indent=2)
+            if self.state.step == 0:
+                for old in list_checkpoints(self.ckpt_dir):  # only reached with --overwrite
+                    os.unlink(old)
+            if os.path.isdir(self.ckpt_dir):
+                for p in remove_stale_tmp(self.ckpt_dir):
+                    print(f"removed {p} (left by an interrupted checkpoint write)", flush=True)
+            self.metrics.truncate(self.state.step)
+            if self.state.step == 0:
+                self.metrics.append({"step": 0, "data/skipped": self.skipped})
+        except OSError as e:
+            raise ConfigError(f"--out: {self.run_dir}: cannot write the run folder "
+                              f"({e.strerror or e}{': ' + e.filename if e.filename else ''})") from None
+        except ValueError as e:  # an unparseable metrics line before the last
+            raise ConfigError(f"--out: {e}") from None
 
     def checkpoint_payload(self) -> dict[str, Any]:
-        """Everything needed to continue bit-for-bit."""
-        harmony = self.harmonizer or self.hopt
+        """Everything needed to continue bit-for-bit, as tensors and plain data (``weights_only`` loadable).
+
+        The curriculum state is inside ``harmony`` (the harmonizer or harmonized optimizer owns it).
+        """
+        harmony = self.harmony
         return {
             "config": self.cfg.to_dict(),
+            "vocab": list(self.train_set.tokenizer.vocab),
             "train_state": asdict(self.state),
             "model": self.raw_model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "harmony": harmony.state_dict() if harmony is not None else None,
-            "curriculum": self.curriculum.state_dict() if self.curriculum is not None else None,
             "rng": capture_rng(),
             "sampler": self.sampler.state_dict(),
-            "tracker": self.tracker.state_dict(),
+            "tracker": {k: torch.as_tensor(v) for k, v in self.tracker.state_dict().items()},
             "meter": asdict(self.meter),
             "world_size": self.ctx.world_size,
         }
@@ -470,35 +528,15 @@ class Trainer:
         """Atomic checkpoint on rank 0 (RNG state of rank 0; other ranks keep theirs)."""
         path = None
         if self.ctx.is_main:
-            path = save_checkpoint(self.ckpt_dir, self.state.step, self.checkpoint_payload(),
-                                   keep=self.cfg.train.keep_checkpoints)
+            target = os.path.join(self.ckpt_dir, f"step_{self.state.step:08d}.pt")
+            try:
+                path = save_checkpoint(self.ckpt_dir, self.state.step, self.checkpoint_payload(),
+                                       keep=self.cfg.train.keep_checkpoints)
+            except OSError as e:
+                raise self._io_error(target, e) from None
         self.state.last_checkpoint = path or os.path.join(self.ckpt_dir, f"step_{self.state.step:08d}.pt")
         barrier(self.ctx)
         return path
-
-    def _apply_resumed_hyperparameters(self) -> None:
-        """This run's --lr and weight decay over the ones in the loaded optimizer/scheduler state.
-
-        ``load_state_dict`` restores the saved peak LR (scheduler ``base_lrs``, the groups'
-        ``initial_lr``) and weight decay, which would silently ignore a lower ``--lr`` given to
-        continue after a NaN stop. Unchanged values are left alone (bit-for-bit resume).
-        """
-        t = self.cfg.train
-        groups = self.optimizer.param_groups
-        changed = False
-        for i, g in enumerate(groups):
-            if self.scheduler.base_lrs[i] != t.lr:
-                old = self.scheduler.base_lrs[i]
-                self.scheduler.base_lrs[i] = t.lr
-                g["initial_lr"] = t.lr
-                g["lr"] = t.lr * warmup_cosine(self.scheduler.last_epoch, t.warmup_steps, t.steps, t.min_lr_ratio)
-                changed = True
-                if self.ctx.is_main and i == 0:
-                    print(f"--resume: peak lr {old:g} -> {t.lr:g} (this run's --lr)", flush=True)
-            if g.get("weight_decay") != t.weight_decay:
-                g["weight_decay"] = t.weight_decay
-        if changed:
-            self.scheduler._last_lr = [g["lr"] for g in groups]
 
     def resume(self, spec: str) -> None:
         """Load ``latest`` (highest step in ``<out>/checkpoints``) or a checkpoint path."""
@@ -506,18 +544,18 @@ class Trainer:
         if path is None:
             raise FileNotFoundError(f"--resume latest: no checkpoint in {self.ckpt_dir}")
         ck = load_checkpoint(path)
-        _check_resume_config(path, ck.get("config"), self.cfg.to_dict())
+        check_resume_config(path, ck.get("config"), self.cfg.to_dict())
         self.raw_model.load_state_dict(ck["model"])
         self.optimizer.load_state_dict(ck["optimizer"])
         self.scheduler.load_state_dict(ck["scheduler"])
-        self._apply_resumed_hyperparameters()
-        harmony = self.harmonizer or self.hopt
+        t = self.cfg.train
+        apply_resumed_hyperparameters(self.optimizer, self.scheduler, t.lr, t.weight_decay, self._lr_at,
+                                      verbose=self.ctx.is_main)
+        harmony = self.harmony
         if harmony is not None and ck["harmony"] is not None:
-            harmony.load_state_dict(ck["harmony"])
-        if self.curriculum is not None and ck["curriculum"] is not None:
-            self.curriculum.load_state_dict(ck["curriculum"])
+            harmony.load_state_dict(ck["harmony"])  # rule state and curriculum
         self.sampler.load_state_dict(ck["sampler"])
-        self.tracker.load_state_dict(ck["tracker"])
+        self.tracker.load_state_dict({k: v.numpy() for k, v in ck["tracker"].items()})
         self.meter = Meter(**ck["meter"])
         self.state = TrainState(**ck["train_state"])
         self.state.last_checkpoint = path
@@ -525,51 +563,3 @@ class Trainer:
             restore_rng(ck["rng"])
         if self.ctx.rank:  # only rank 0's RNG is saved: other ranks re-seed deterministically
             torch.manual_seed(self.cfg.train.seed + self.ctx.rank + 7919 * self.state.step)
-
-
-# Options that may differ between the run that wrote a checkpoint and the one resuming it
-# (where to run, how often to log/evaluate/save, the learning rate after a NaN stop, ...).
-# Every other model/data/harmony/train field shapes the saved state (parameters, data order,
-# LR schedule, curriculum schedule, rule state) and must match.
-RESUME_MAY_CHANGE = frozenset({
-    "data.eval_manifest", "data.eval_size",
-    "harmony.chunk_size", "harmony.backend", "harmony.nonfinite",
-    "train.lr", "train.min_lr_ratio", "train.weight_decay", "train.grad_clip", "train.device", "train.threads",
-    "train.out", "train.resume", "train.log_every", "train.eval_every", "train.ckpt_every",
-    "train.keep_checkpoints", "train.stop_after", "train.progress", "train.plots", "train.eval_batch_size",
-})
-
-
-def _check_resume_config(path: str, saved: Optional[dict[str, Any]], current: dict[str, Any]) -> None:
-    """Raise ConfigError naming the options that differ from the checkpoint's run (not loadable)."""
-    if not saved:
-        return
-    diffs = []
-    for section in ("model", "data", "harmony", "train"):
-        old, new = saved.get(section, {}), current.get(section, {})
-        for name in new:
-            key = f"{section}.{name}"
-            if key in RESUME_MAY_CHANGE or name not in old:
-                continue
-            a, b = old[name], new[name]
-            if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-                a, b = list(a), list(b)
-            if a != b:
-                diffs.append(f"{key}={b!r} (checkpoint: {old[name]!r})")
-    if diffs:
-        more = f" and {len(diffs) - 3} more" if len(diffs) > 3 else ""
-        raise ConfigError(
-            f"--resume: {path} was written by a run with other options: {'; '.join(diffs[:3])}{more}. "
-            "Resume with the options of that run (its config.json: --config <out>/config.json) "
-            "or start over with --overwrite"
-        )
-
-
-def _truncate_metrics(path: str, step: int) -> None:
-    """Drop records past ``step`` (written after the checkpoint we resume from)."""
-    if not os.path.exists(path):
-        return
-    with open(path, encoding="utf-8") as f:
-        lines = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) <= step]
-    with open(path, "w", encoding="utf-8") as f:
-        f.writelines(lines)
