@@ -124,14 +124,15 @@ def _ground_truth(ds: ClipDataset) -> np.ndarray:
 # ---------------------------------------------------------------------- trainer
 
 
-def skipped_counts(*datasets: Optional[ClipDataset]) -> int:
-    """Number of bad manifest clips skipped (``--skip-bad``) in distinct data sets (Subsets count their base)."""
+def skipped_clips(*datasets: Optional[ClipDataset]) -> list[str]:
+    """Why each bad manifest clip was skipped (``--skip-bad``), over distinct data sets (a Subset counts its base)."""
     seen: list[Any] = []
     for ds in datasets:
-        base = getattr(ds, "base", ds)
-        if ds is not None and not any(base is b for b in seen):
-            seen.append(base)
-    return sum(len(getattr(b, "skipped", ())) for b in seen)
+        while ds is not None and hasattr(ds, "base"):
+            ds = ds.base
+        if ds is not None and not any(ds is b for b in seen):
+            seen.append(ds)
+    return [reason for b in seen for reason in getattr(b, "skipped", ())]
 
 
 class Trainer:
@@ -160,7 +161,8 @@ class Trainer:
             raise DataError(f"{where}: {len(self.train_set)} usable clips "
                             f"({len(getattr(self.train_set, 'skipped', ()))} skipped) is fewer than one batch "
                             f"(--batch-size {t.batch_size})")
-        self.skipped = skipped_counts(self.train_set, self.eval_set, self.probe_set)
+        self.skipped_reasons = skipped_clips(self.train_set, self.eval_set, self.probe_set)
+        self.skipped = len(self.skipped_reasons)
         self.model = self._build_model()
         self.optimizer = torch.optim.Adam(self.raw_model.parameters(), lr=cfg.train.lr,
                                           weight_decay=cfg.train.weight_decay)
@@ -340,7 +342,8 @@ class Trainer:
         if self.ctx.is_main:
             self._prepare_run_dir()
         if self.ctx.is_main and self.skipped:
-            print(f"[gradharmony-pretrain] --skip-bad: {self.skipped} bad clips skipped", flush=True)
+            print(f"[gradharmony-pretrain] --skip-bad: {self.skipped} bad clips skipped "
+                  f"(first: {self.skipped_reasons[0]})", flush=True)
         self.backend_load_s = self.load_backend()
         stop_at = t.steps if t.stop_after is None else min(t.steps, self.state.step + t.stop_after)
         self._stop_at = stop_at
