@@ -115,6 +115,25 @@ def build_curriculum(cfg: Config) -> Optional[gh.ConflictCurriculum]:
                                  mode=h.curriculum_mode, temperature=h.curriculum_temperature)
 
 
+def _backend_needs_build() -> bool:
+    """Whether the first harmonization will JIT-compile the C++ ops (no prebuilt module, not yet loaded)."""
+    import importlib.util
+
+    from ..kernels import ext
+
+    if ext.ops_source() is not None or os.environ.get("GRADHARMONY_NO_JIT", "") not in ("", "0"):
+        return False
+    if importlib.util.find_spec("gradharmony._C") is not None:
+        return False
+    try:  # a JIT build cached by an earlier run loads in about a second
+        from torch.utils.cpp_extension import _get_build_directory
+
+        folder = _get_build_directory("gradharmony_C", verbose=False)
+        return not any(f.endswith(".so") for f in os.listdir(folder))
+    except Exception:  # noqa: BLE001 - private torch helper; when unsure, announce
+        return True
+
+
 def _ground_truth(ds: ClipDataset) -> np.ndarray:
     if hasattr(ds, "ground_truth"):
         return ds.ground_truth()[1]
@@ -227,11 +246,9 @@ class Trainer:
         h = self.cfg.harmony
         if h.level == "none":
             return 0.0
-        from ..kernels import ext
-
-        if self.ctx.is_main and ext.ops_source() is None and h.backend in ("auto", "cpp", "cuda"):
-            print("[gradharmony-pretrain] loading the harmonization backend (the first use compiles the C++ "
-                  "extension, ~30 s, once; not counted as training time)...", flush=True)
+        if self.ctx.is_main and h.backend in ("auto", "cpp", "cuda") and _backend_needs_build():
+            print("[gradharmony-pretrain] compiling the C++ extension of the harmonization backend (first use "
+                  "only, ~30 s; not counted as training time)...", flush=True)
         tic = time.perf_counter()
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
