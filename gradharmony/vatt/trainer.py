@@ -490,7 +490,11 @@ class Trainer:
             if self.ctx.is_main and self.cfg.train.plots:
                 from .plots import make_plots
 
-                summary["plots"] = make_plots(self.metrics_path, os.path.join(self.run_dir, "plots"))
+                plots = os.path.join(self.run_dir, "plots")
+                try:
+                    summary["plots"] = make_plots(self.metrics_path, plots)
+                except OSError as e:
+                    raise self._io_error(plots, e) from None
         if self.ctx.is_main:
             path = os.path.join(self.run_dir, "summary.json")
             try:

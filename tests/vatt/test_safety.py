@@ -175,6 +175,22 @@ def test_read_only_out_exits_2_naming_out(tmp_path, capsys) -> None:
     assert "--out:" in err and "Traceback" not in err, err
 
 
+def test_permission_denied_on_out_exits_2_naming_out(tmp_path, capsys, monkeypatch) -> None:
+    # what a read-only parent folder does for a non-root user (root ignores permissions)
+    ro = str(tmp_path / "ro")
+    real = os.makedirs
+
+    def makedirs(name, *a, **kw):
+        if str(name).startswith(ro):
+            raise PermissionError(errno.EACCES, "Permission denied", str(name))
+        return real(name, *a, **kw)
+
+    monkeypatch.setattr(os, "makedirs", makedirs)
+    assert main(tiny_argv(os.path.join(ro, "run"))) == 2
+    err = capsys.readouterr().err
+    assert f"--out: {ro}/run: cannot write the run folder (Permission denied: {ro}/run)" in err, err
+
+
 def test_full_disk_at_the_start_exits_2_naming_out(tmp_path, capsys) -> None:
     if not os.path.exists("/dev/full"):
         pytest.skip("no /dev/full")
