@@ -35,7 +35,9 @@ def test_two_steps_per_method_and_level(tmp_path, method: str, level: str, curri
         assert "train/conflict/cos_q50" in recs[0]
     changed = any(not torch.equal(before[k], v) for k, v in tr.raw_model.state_dict().items())
     assert changed
-    assert len(list_checkpoints(os.path.join(str(tmp_path), "checkpoints"))) == 1
+    ckpts = list_checkpoints(os.path.join(str(tmp_path), "checkpoints"))
+    assert len(ckpts) == 1
+    load_checkpoint(ckpts[0])  # every rule's and level's state loads with weights_only=True, hash intact
     assert "eval/v2t_R@1" in summary and "eval/probe_acc" in summary
 
 
