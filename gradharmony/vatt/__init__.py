@@ -28,6 +28,8 @@ Modules:
                   metrics.jsonl that survives a torn last line
     checkpoint    atomic checkpoints loaded with weights_only=True and checked against a SHA-256,
                   the resume policy (which options may change), load_model (a trained VATT)
+    runfolder     the run folder (--out) and its write policy: a bad --out at the start, RunIOError
+                  (exit 3) during the run, stale .tmp_* removed, no second final evaluation
     evaluate      retrieval R@1/5/10 + median rank, linear probe, conflict-score AUROC
     distributed   torchrun / DDP helpers (NCCL on GPU, Gloo on CPU)
     plots, cli    PNG plots; ``main(argv)`` for ``gradharmony-pretrain``

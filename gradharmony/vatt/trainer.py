@@ -21,8 +21,6 @@ through the video path); the audio and text paths are not re-weighted.
 """
 from __future__ import annotations
 
-import errno
-import json
 import math
 import os
 import random
@@ -37,29 +35,21 @@ from torch.nn.parallel import DistributedDataParallel
 
 import gradharmony as gh
 
-from .checkpoint import (apply_resumed_hyperparameters, capture_rng, check_resume_config, find_latest,
-                         list_checkpoints, load_checkpoint, remove_stale_tmp, restore_rng, save_checkpoint)
+from .checkpoint import apply_resumed_hyperparameters, capture_rng, check_resume_config, load_checkpoint, restore_rng
 from .config import Config, ConfigError
 from .data import ClipDataset, DataError, EpochBatchSampler, Subset, load_batch
 from .distributed import DistContext, all_gather_tensor, all_reduce_mean, barrier
 from .evaluate import ScoreTracker, conflict_auroc, conflict_scores, evaluate
 from .losses import gather_features, mil_nce_per_sample, nce_per_sample
-from .metering import Meter, MetricsLog, StepOutput
+from .metering import Meter, StepOutput
 from .model import VATT
+from .runfolder import RunFolder, RunIOError
 
 __all__ = ["TrainState", "Trainer", "NonFiniteLossError", "RunIOError", "build_datasets", "warmup_cosine"]
 
 
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN/inf."""
-
-
-class RunIOError(RuntimeError):
-    """Writing the run folder failed during training (disk full, folder removed, ...).
-
-    The message says what failed and what was kept (the last checkpoint, the metrics up to it).
-    The command line exits with code 3 for it.
-    """
 
 
 @dataclass
@@ -158,7 +148,7 @@ class Trainer:
     """Owns model, optimizer, scheduler, harmonizer, data position and the loop; see module docstring.
 
     Metering and the metrics file are in :mod:`.metering`; checkpoint files and the resume
-    policy in :mod:`.checkpoint`.
+    policy in :mod:`.checkpoint`; the run folder and its write policy in :mod:`.runfolder`.
     """
 
     def __init__(self, cfg: Config, ctx: Optional[DistContext] = None,
@@ -197,9 +187,8 @@ class Trainer:
         self.meter = Meter()
         self._last_stats_obj: Optional[gh.ConflictStats] = None  # global statistics of the last step
         self.run_dir = t.out or time.strftime(f"runs/vatt-{cfg.preset}-%Y%m%d-%H%M%S", time.gmtime())
-        self.metrics_path = os.path.join(self.run_dir, "metrics.jsonl")
-        self.metrics = MetricsLog(self.metrics_path, enabled=self.ctx.is_main)
-        self.ckpt_dir = os.path.join(self.run_dir, "checkpoints")
+        self.folder = RunFolder(self.run_dir, is_main=self.ctx.is_main)
+        self.metrics_path, self.ckpt_dir = self.folder.metrics_path, self.folder.ckpt_dir
         self.backend_load_s = 0.0
 
     def _lr_at(self, step: int) -> float:
@@ -347,17 +336,17 @@ class Trainer:
         start, and :class:`RunIOError` when a write fails during training.
         """
         t = self.cfg.train
-        if t.resume == "latest" and find_latest(self.ckpt_dir) is None:
+        if t.resume == "latest" and self.folder.latest() is None:
             if self.ctx.is_main:  # first session of a preemptible job: nothing to resume yet
                 print(f"--resume latest: no checkpoint in {self.ckpt_dir}; starting from scratch", flush=True)
         elif t.resume:
             self.resume(t.resume)
-        elif find_latest(self.ckpt_dir) is not None and not self.overwrite:
+        elif self.folder.latest() is not None and not self.overwrite:
             raise ConfigError(f"--out: {self.run_dir} already holds checkpoints; pass --resume latest to continue "
                               f"or --overwrite to start over")
         barrier(self.ctx)
         if self.ctx.is_main:
-            self._prepare_run_dir()
+            self.folder.prepare(self.cfg.to_dict(), self.state.step, {"step": 0, "data/skipped": self.skipped})
         if self.ctx.is_main and self.skipped:
             print(f"[gradharmony-pretrain] --skip-bad: {self.skipped} bad clips skipped "
                   f"(first: {self.skipped_reasons[0]})", flush=True)
@@ -416,10 +405,7 @@ class Trainer:
 
     def log(self, rec: dict[str, Any]) -> None:
         """Append one JSON record to metrics.jsonl (rank 0)."""
-        try:
-            self.metrics.append(rec)
-        except OSError as e:
-            raise self._io_error(self.metrics_path, e) from None
+        self.folder.log(rec, self.state.last_checkpoint)
 
     def run_eval(self) -> dict[str, float]:
         """Evaluation on rank 0 (others wait); also the conflict-score AUROC. Logged as ``eval/``."""
@@ -450,27 +436,16 @@ class Trainer:
     def _final_eval(self) -> dict[str, float]:
         """The final evaluation, or the one already logged for this step (a finished run resumed again)."""
         if self.ctx.is_main:
-            done = [r for r in self.metrics.records()
-                    if r.get("step") == self.state.step and any(k.startswith("eval/") for k in r)]
-            if done:
+            done = self.folder.logged_eval(self.state.step)
+            if done is not None:
                 barrier(self.ctx)
-                return {k: v for k, v in done[-1].items() if k.startswith("eval/")}
+                return done
         return self.run_eval()
 
     # -------------------------------------------------------------- failure / end
 
-    def _io_error(self, path: str, err: OSError) -> RunIOError:
-        last = self.state.last_checkpoint or find_latest(self.ckpt_dir)
-        why = err.strerror or str(err)
-        if err.errno == errno.ENOSPC:
-            why = "no space left on the device"
-        kept = (f"kept: the checkpoint {last} and the metrics in {self.metrics_path} up to it; "
-                f"free space and continue with --resume latest" if last else
-                "kept: nothing (no checkpoint written yet); free space and start again")
-        return RunIOError(f"--out: cannot write {path} at step {self.state.step} ({why}); {kept}")
-
     def _on_nonfinite(self, err: Exception) -> None:
-        last = self.state.last_checkpoint or find_latest(self.ckpt_dir)
+        last = self.state.last_checkpoint or self.folder.latest()
         msg = (f"error: {err}; stopping. The last good checkpoint is "
                f"{last if last else '(none written yet)'}; resume with --resume latest after fixing the cause "
                f"(e.g. a lower --lr)")
@@ -488,44 +463,12 @@ class Trainer:
         if status == "completed":
             summary.update(self._final_eval())
             if self.ctx.is_main and self.cfg.train.plots:
-                from .plots import make_plots
-
-                plots = os.path.join(self.run_dir, "plots")
-                try:
-                    summary["plots"] = make_plots(self.metrics_path, plots)
-                except OSError as e:
-                    raise self._io_error(plots, e) from None
+                summary["plots"] = self.folder.plots(self.state.step, self.state.last_checkpoint)
         if self.ctx.is_main:
-            path = os.path.join(self.run_dir, "summary.json")
-            try:
-                with open(path, "w", encoding="utf-8") as f:
-                    json.dump(summary, f, indent=2)
-            except OSError as e:
-                raise self._io_error(path, e) from None
+            self.folder.write_summary(summary, self.state.step, self.state.last_checkpoint)
         return summary
 
-    # -------------------------------------------------------------- run folder and checkpoints
-
-    def _prepare_run_dir(self) -> None:
-        """Create/check the run folder (a failure is a bad ``--out``), write config.json, tidy up."""
-        try:
-            os.makedirs(self.run_dir, exist_ok=True)
-            with open(os.path.join(self.run_dir, "config.json"), "w", encoding="utf-8") as f:
-                json.dump(self.cfg.to_dict(), f, indent=2)
-            if self.state.step == 0:
-                for old in list_checkpoints(self.ckpt_dir):  # only reached with --overwrite
-                    os.unlink(old)
-            if os.path.isdir(self.ckpt_dir):
-                for p in remove_stale_tmp(self.ckpt_dir):
-                    print(f"removed {p} (left by an interrupted checkpoint write)", flush=True)
-            self.metrics.truncate(self.state.step)
-            if self.state.step == 0:
-                self.metrics.append({"step": 0, "data/skipped": self.skipped})
-        except OSError as e:
-            raise ConfigError(f"--out: {self.run_dir}: cannot write the run folder "
-                              f"({e.strerror or e}{': ' + e.filename if e.filename else ''})") from None
-        except ValueError as e:  # an unparseable metrics line before the last
-            raise ConfigError(f"--out: {e}") from None
+    # -------------------------------------------------------------- checkpoints
 
     def checkpoint_payload(self) -> dict[str, Any]:
         """Everything needed to continue bit-for-bit, as tensors and plain data (``weights_only`` loadable).
@@ -552,19 +495,15 @@ class Trainer:
         """Atomic checkpoint on rank 0 (RNG state of rank 0; other ranks keep theirs)."""
         path = None
         if self.ctx.is_main:
-            target = os.path.join(self.ckpt_dir, f"step_{self.state.step:08d}.pt")
-            try:
-                path = save_checkpoint(self.ckpt_dir, self.state.step, self.checkpoint_payload(),
-                                       keep=self.cfg.train.keep_checkpoints)
-            except OSError as e:
-                raise self._io_error(target, e) from None
+            path = self.folder.save(self.state.step, self.checkpoint_payload(), self.cfg.train.keep_checkpoints,
+                                    self.state.last_checkpoint)
         self.state.last_checkpoint = path or os.path.join(self.ckpt_dir, f"step_{self.state.step:08d}.pt")
         barrier(self.ctx)
         return path
 
     def resume(self, spec: str) -> None:
         """Load ``latest`` (highest step in ``<out>/checkpoints``) or a checkpoint path."""
-        path = find_latest(self.ckpt_dir) if spec == "latest" else spec
+        path = self.folder.latest() if spec == "latest" else spec
         if path is None:
             raise FileNotFoundError(f"--resume latest: no checkpoint in {self.ckpt_dir}")
         ck = load_checkpoint(path)
