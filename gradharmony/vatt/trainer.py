@@ -175,7 +175,7 @@ class Trainer:
         self.model = self._build_model()
         self.optimizer = torch.optim.Adam(self.raw_model.parameters(), lr=cfg.train.lr,
                                           weight_decay=cfg.train.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_at)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: self._lr_at(s))
         self.curriculum = build_curriculum(cfg)
         self.harmonizer: Optional[gh.Harmonizer] = None
         self.hopt: Optional[gh.HarmonizedOptimizer] = None
@@ -305,8 +305,11 @@ class Trainer:
         gathered into one ``gh.ConflictStats`` of the global batch (CPU), which gives the
         conflict fraction, kept fraction and histogram.
         """
-        means = torch.stack([loss.detach(), l_va.detach().mean(), l_vt.detach().mean()]).float()
-        means = all_reduce_mean(means, self.ctx)
+        threshold = None if stats is None else stats.threshold  # a float, or a 0-d tensor on the device
+        thr = torch.as_tensor(float("nan") if threshold is None else threshold, device=loss.device).float()
+        means = torch.stack([loss.detach().float(), l_va.detach().mean().float(), l_vt.detach().mean().float(),
+                             thr.detach().reshape(())])
+        means = all_reduce_mean(means, self.ctx)  # the threshold is the same on every rank (global curriculum)
         if stats is None:
             red = means.cpu().tolist()
             return StepOutput(loss=red[0], loss_va=red[1], loss_vt=red[2])
@@ -318,12 +321,11 @@ class Trainer:
         per_sample = all_gather_tensor(torch.cat([c.reshape(b, -1) for c in cols], dim=1), self.ctx)
         width = per_sample.shape[1]
         flat = torch.cat([means, per_sample.reshape(-1)]).cpu()
-        red, per_sample = flat[:3].tolist(), flat[3:].view(-1, width)
-        threshold = stats.threshold
+        red, per_sample = flat[:4].tolist(), flat[4:].view(-1, width)
         glob = gh.ConflictStats(cos=per_sample[:, 3:].reshape(-1, k, k), score=per_sample[:, 0],
                                 sample_weights=per_sample[:, 2],
                                 curriculum_weights=None if cw is None else per_sample[:, 1],
-                                threshold=None if threshold is None else float(threshold))
+                                threshold=None if threshold is None else red[3])
         self._last_stats_obj = glob
         return StepOutput(loss=red[0], loss_va=red[1], loss_vt=red[2], stats=glob)
 
