@@ -59,9 +59,10 @@ class RunFolder:
             if step == 0:
                 for old in list_checkpoints(self.ckpt_dir):  # only reached with --overwrite
                     os.unlink(old)
-            if os.path.isdir(self.ckpt_dir):
-                for p in remove_stale_tmp(self.ckpt_dir):
-                    print(f"removed {p} (left by an interrupted checkpoint write)", flush=True)
+            for folder in (self.path, self.ckpt_dir):  # checkpoint and metrics rewrites
+                if os.path.isdir(folder):
+                    for p in remove_stale_tmp(folder):
+                        print(f"removed {p} (left by an interrupted write)", flush=True)
             self.metrics.truncate(step)
             if step == 0 and first_record is not None:
                 self.metrics.append(first_record)

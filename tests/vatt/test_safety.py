@@ -33,7 +33,7 @@ def _crafted(path: str, marker: str, raw: bool) -> None:
     payload["x"] = _RunsCode(marker)
     if raw:
         with open(path, "wb") as f:
-            pickle.dump(payload, f)
+            pickle.dump(payload, f, protocol=2)
     else:
         torch.save(payload, path)
 
@@ -149,8 +149,10 @@ def test_stale_tmp_checkpoint_files_are_removed(tmp_path, capsys) -> None:
     assert main(argv + ["--stop-after", "2"]) == 0
     stale = out / "checkpoints" / ".tmp_k1ll3d.pt"
     stale.write_bytes(b"half a checkpoint")
+    stale_metrics = out / ".tmp_metrics_k1ll3d"
+    stale_metrics.write_text('{"step": 1}\n')
     assert main(argv + ["--resume", "latest"]) == 0
-    assert not stale.exists()
+    assert not stale.exists() and not stale_metrics.exists()
     assert sorted(os.listdir(out / "checkpoints")) == ["step_00000002.pt", "step_00000004.pt"]
 
 
