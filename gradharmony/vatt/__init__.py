@@ -23,7 +23,13 @@ Modules:
     synthetic     embedded data: moving scikit-learn digits, class sounds, templated narrations,
                   a misaligned fraction with ground truth
     manifest      users' clips from a JSONL/CSV manifest (.npy / PyAV video, .wav / .npy audio)
-    trainer       TrainState, Trainer (train_step, fit, eval, atomic checkpoints, bit-for-bit resume)
+    trainer       TrainState, Trainer: the loop (train_step, fit, eval, save, bit-for-bit resume)
+    metering      per-interval sums, the metrics record (conflict statistics from gh.ConflictStats),
+                  metrics.jsonl that survives a torn last line
+    checkpoint    atomic checkpoints loaded with weights_only=True and checked against a SHA-256,
+                  the resume policy (which options may change), load_model (a trained VATT)
+    runfolder     the run folder (--out) and its write policy: a bad --out at the start, RunIOError
+                  (exit 3) during the run, stale .tmp_* removed, no second final evaluation
     evaluate      retrieval R@1/5/10 + median rank, linear probe, conflict-score AUROC
     distributed   torchrun / DDP helpers (NCCL on GPU, Gloo on CPU)
     plots, cli    PNG plots; ``main(argv)`` for ``gradharmony-pretrain``
@@ -52,7 +58,7 @@ from typing import Any
 from .config import Config, ConfigError, DataConfig, HarmonyConfig, ModelConfig, TrainConfig, build_config
 
 __all__ = ["Config", "ConfigError", "ModelConfig", "DataConfig", "HarmonyConfig", "TrainConfig", "build_config",
-           "Trainer", "TrainState", "VATT", "main"]
+           "Trainer", "TrainState", "VATT", "load_model", "main"]
 
 
 def __getattr__(name: str) -> Any:  # lazy: the trainer imports torch and the gradharmony core
@@ -64,6 +70,10 @@ def __getattr__(name: str) -> Any:  # lazy: the trainer imports torch and the gr
         from .model import VATT
 
         return VATT
+    if name == "load_model":
+        from .checkpoint import load_model
+
+        return load_model
     if name == "main":
         from .cli import main
 

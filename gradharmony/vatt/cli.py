@@ -2,7 +2,9 @@
 
 Configuration = preset (``--preset``) <- ``--config`` file (JSON, or YAML with PyYAML) <- flags
 below <- ``--set section.field=value`` (any config field). Exit codes: 0 done, 1 stopped on a
-non-finite loss, 2 bad option / config / data.
+non-finite loss, 2 bad option / config / data / checkpoint (including an ``--out`` that cannot be
+written at the start), 3 a write to the run folder failed during training (disk full, ...); the
+message says what was kept.
 """
 from __future__ import annotations
 
@@ -12,11 +14,14 @@ import sys
 from collections.abc import Sequence
 from typing import Any, Optional
 
-from .config import PRESETS, Config, ConfigError, build_config
+from .config import CURRICULA, LEVELS, METHODS, PRESETS, Config, ConfigError, build_config
 
 __all__ = ["main", "parse_args", "config_from_args"]
 
 PROG = "gradharmony-pretrain"
+
+#: Exit codes (README "Reference VATT pre-training").
+EXIT_OK, EXIT_NONFINITE, EXIT_BAD_INPUT, EXIT_IO = 0, 1, 2, 3
 
 # flag -> config key
 FLAG_KEYS: dict[str, str] = {
@@ -32,42 +37,58 @@ FLAG_KEYS: dict[str, str] = {
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description="Reference VATT pre-training with cross-modality "
-                                "gradient harmonization (gradharmony). Defaults: the tiny preset on the "
-                                "embedded digits data.")
-    a = p.add_argument
-    a("--config", help="JSON (or YAML, needs PyYAML) file with sections model/data/harmony/train")
-    a("--preset", help=f"one of {', '.join(PRESETS)} (default: the config file's, else tiny)")
-    a("--steps", help="total optimizer steps")
-    a("--batch-size", help="global batch size (split over DDP ranks)")
-    a("--lr", help="peak learning rate (Adam, linear warm-up then cosine decay)")
-    a("--method", help="realignment rule: sum (plain VATT), pcgrad, gradvac, cagrad, mgda")
-    a("--level", help="where conflicts are measured: feature (shared video features, default), "
-                      "parameter (per-sample parameter gradients), none (no measurement)")
-    a("--curriculum", help="off, fraction or threshold")
-    a("--curriculum-mode", help="hard (drop) or soft (sigmoid weight)")
-    a("--curriculum-start", help="start value (fraction kept, or cosine threshold)")
-    a("--curriculum-end", help="end value")
-    a("--data", help="training manifest (.jsonl/.csv); default: embedded digits data")
-    a("--eval-data", help="evaluation manifest (default: the first clips of --data)")
-    a("--skip-bad", action="store_true", help="skip (and count) bad clips instead of failing")
-    a("--misaligned-fraction", help="embedded data: fraction of misaligned training triplets")
-    a("--backbone", help="shared (modality-agnostic) or specific (one Transformer per modality)")
-    a("--drop-token", help="DropToken rate for video and audio tokens")
-    a("--out", help="run folder (default runs/vatt-<preset>-<time>)")
-    a("--overwrite", action="store_true", help="start over in an --out that holds checkpoints")
-    a("--seed", help="random seed (data, init, DropToken)")
-    a("--resume", help="'latest' (highest step in <out>/checkpoints) or a checkpoint path")
-    a("--stop-after", help="stop (with a checkpoint) after this many steps in this session")
-    a("--device", help="cpu, cuda, cuda:N or auto")
-    a("--threads", help="torch CPU threads per process (0 = torch default; tiny preset: 1)")
-    a("--log-every", help="steps between metrics records")
-    a("--eval-every", help="steps between evaluations (0 = only at the end)")
-    a("--ckpt-every", help="steps between checkpoints")
-    a("--no-progress", action="store_true", help="no tqdm progress bar")
-    a("--no-plots", action="store_true", help="no PNG plots at the end")
-    a("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="set any config field")
-    a("--print-config", action="store_true", help="print the resolved config as JSON and exit")
+    p = argparse.ArgumentParser(
+        prog=PROG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Reference VATT pre-training with cross-modality gradient harmonization (gradharmony). "
+                    "Defaults shown are the tiny preset's, on the embedded digits data.",
+        epilog=f"exit codes: {EXIT_OK} done, {EXIT_NONFINITE} stopped on a non-finite loss (last good checkpoint "
+               f"kept), {EXIT_BAD_INPUT} bad option/config/data/checkpoint or unwritable --out, {EXIT_IO} a write "
+               f"to the run folder failed during training (the message says what was kept)")
+    tiny = build_config("tiny")
+
+    def a(flag: str, help: str, choices: Optional[Sequence[str]] = None, **kw: Any) -> None:  # noqa: A002
+        key = FLAG_KEYS.get(flag.lstrip("-").replace("-", "_"))
+        if choices:
+            help += f"; one of {', '.join(choices)}"
+        if key is not None and "default:" not in help:
+            sec, name = key.split(".")
+            value = getattr(getattr(tiny, sec), name)
+            help += f" (default: {'none' if value is None else value})"
+        p.add_argument(flag, help=help, **kw)
+
+    a("--config", "JSON (or YAML, needs PyYAML) file with sections model/data/harmony/train")
+    a("--preset", "model/data size preset (default: the config file's, else tiny)", choices=list(PRESETS))
+    a("--steps", "total optimizer steps")
+    a("--batch-size", "global batch size (split over DDP ranks)")
+    a("--lr", "peak learning rate (Adam, linear warm-up then cosine decay)")
+    a("--method", "realignment rule (sum = plain VATT)", choices=METHODS)
+    a("--level", "where conflicts are measured: the shared video features, per-sample parameter "
+                 "gradients, or no measurement", choices=LEVELS)
+    a("--curriculum", "conflict curriculum", choices=CURRICULA)
+    a("--curriculum-mode", "hard (drop) or soft (sigmoid weight)", choices=("hard", "soft"))
+    a("--curriculum-start", "start value: fraction kept, or cosine threshold (default: 0.5 for fraction, "
+                            "0.0 for threshold)")
+    a("--curriculum-end", "end value (default: 1.0 for fraction, -1.0 for threshold)")
+    a("--data", "training manifest (.jsonl/.csv); default: embedded digits data")
+    a("--eval-data", "evaluation manifest (default: the first clips of --data)")
+    a("--skip-bad", "skip (and count) bad clips instead of failing", action="store_true")
+    a("--misaligned-fraction", "embedded data: fraction of misaligned training triplets")
+    a("--backbone", "modality-agnostic (one Transformer) or modality-specific", choices=("shared", "specific"))
+    a("--drop-token", "DropToken rate for video and audio tokens")
+    a("--out", "run folder; default: runs/vatt-<preset>-<UTC time>")
+    a("--overwrite", "start over in an --out that holds checkpoints", action="store_true")
+    a("--seed", "random seed (data, init, DropToken)")
+    a("--resume", "'latest' (highest step in <out>/checkpoints) or a checkpoint path")
+    a("--stop-after", "stop (with a checkpoint) after this many steps in this session")
+    a("--device", "cpu, cuda, cuda:N or auto")
+    a("--threads", "torch CPU threads per process (0 = torch default)")
+    a("--log-every", "steps between metrics records")
+    a("--eval-every", "steps between evaluations (0 = only at the end)")
+    a("--ckpt-every", "steps between checkpoints")
+    a("--no-progress", "no tqdm progress bar", action="store_true")
+    a("--no-plots", "no PNG plots at the end", action="store_true")
+    a("--set", "set any config field (repeatable)", action="append", default=[], metavar="SECTION.FIELD=VALUE")
+    a("--print-config", "print the resolved config as JSON and exit", action="store_true")
     return p
 
 
@@ -113,13 +134,15 @@ def _report(summary: dict[str, Any]) -> None:
             "eval/v2a_class_R@1", "eval/probe_acc", "eval/auroc_conflict", "eval/auroc_conflict_pass")
     print(f"[{PROG}] {summary['status']} at step {summary['step']} "
           f"({summary['train_time_s']:.1f}s in training steps)")
+    if summary.get("data/skipped"):
+        print(f"  {'data/skipped':24s} {summary['data/skipped']} bad clips skipped (--skip-bad)")
     for k in keys:
         if k in summary:
             print(f"  {k:24s} {summary[k]:.4f}")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point; returns the exit code (0 ok, 1 non-finite loss, 2 bad option/config/data)."""
+    """Entry point; returns the exit code (0 ok, 1 non-finite loss, 2 bad option/config/data, 3 I/O failure)."""
     args = parse_args(argv)
     from .data import DataError
 
@@ -127,31 +150,35 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         cfg = config_from_args(args)
         if args.print_config:
             print(json.dumps(cfg.to_dict(), indent=2))
-            return 0
+            return EXIT_OK
         return _run(cfg, overwrite=args.overwrite)
     except (ConfigError, DataError, FileNotFoundError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
 
 
 def _run(cfg: Config, overwrite: bool = False) -> int:
     import gc
 
     from .distributed import cleanup, init_distributed
-    from .trainer import Trainer
+    from .trainer import RunIOError, Trainer
 
     try:
-        ctx = init_distributed(cfg.train.device)
+        ctx = init_distributed(cfg.train.device, cfg.train.dist_timeout_s)
     except RuntimeError as e:
         raise ConfigError(str(e)) from None
     trainer = None
     try:
         trainer = Trainer(cfg, ctx, overwrite=overwrite)
-        summary = trainer.fit()
+        try:
+            summary = trainer.fit()
+        except RunIOError as e:
+            print(f"{PROG}: error: {e}", file=sys.stderr)
+            return EXIT_IO
         if ctx.is_main:
             _report(summary)
             print(f"[{PROG}] run folder: {trainer.run_dir}")
-        return 1 if summary["status"] == "nonfinite" else 0
+        return EXIT_NONFINITE if summary["status"] == "nonfinite" else EXIT_OK
     finally:
         del trainer  # the DDP wrapper must go before its process group
         gc.collect()

@@ -123,6 +123,7 @@ class TrainConfig:
     progress: bool = True
     plots: bool = True
     eval_batch_size: int = 128
+    dist_timeout_s: float = 600.0  # DDP: seconds a collective waits for a stopped rank before failing
 
 
 @dataclass
@@ -366,6 +367,7 @@ def _validate(cfg: Config) -> None:
     _check(t.grad_clip is None or t.grad_clip > 0, "train.grad_clip", f"must be > 0, got {t.grad_clip}")
     _check(t.threads >= 0, "train.threads", f"must be >= 0, got {t.threads}")
     _check(t.eval_batch_size >= 1, "train.eval_batch_size", "must be >= 1")
+    _check(t.dist_timeout_s > 0, "train.dist_timeout_s", f"must be > 0, got {t.dist_timeout_s}")
     _check(t.device == "cpu" or t.device.startswith("cuda") or t.device == "auto", "train.device",
            f"must be cpu, cuda, cuda:N or auto, got {t.device!r}")
     _check(t.out is None or not os.path.exists(t.out) or os.path.isdir(t.out), "train.out",

@@ -14,6 +14,8 @@
   per-sample conflict scores are all-gathered with their clip indices for the AUROC;
 * ``harmony.level="parameter"`` is single-process only (its per-sample backward passes do not
   go through DDP's gradient reduction);
+* ``init_process_group`` gets a timeout (``train.dist_timeout_s``, default 600 s): a rank that
+  stops without dying makes the others fail after it instead of hanging;
 * only rank 0 logs, evaluates, plots and writes checkpoints; ``--resume`` loads that checkpoint
   on every rank (rank 0's harmonizer state, e.g. the GradVac EMA, and RNG; other ranks re-seed),
   so a DDP resume continues the run but is not bit-for-bit.
@@ -22,10 +24,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+DEFAULT_TIMEOUT_S = 600.0
 
 __all__ = ["DistContext", "init_distributed", "all_reduce_mean", "all_gather_tensor", "barrier", "cleanup"]
 
@@ -60,8 +65,14 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return torch.device(name)
 
 
-def init_distributed(device: str) -> DistContext:
-    """Join the process group when launched by torchrun (``WORLD_SIZE`` > 1), else single process."""
+def init_distributed(device: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> DistContext:
+    """Join the process group when launched by torchrun (``WORLD_SIZE`` > 1), else single process.
+
+    ``timeout_s`` (``train.dist_timeout_s``, default 600 s) bounds how long a collective waits
+    for a rank that stopped (e.g. SIGSTOP, a hung data read): the others then fail with an error
+    instead of hanging for ever. On NCCL the timeout is enforced with
+    ``TORCH_NCCL_ASYNC_ERROR_HANDLING`` (on by default in recent torch).
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     dev = resolve_device(device, local_rank)
@@ -71,7 +82,7 @@ def init_distributed(device: str) -> DistContext:
         backend = "nccl" if dev.type == "cuda" else "gloo"
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
-        dist.init_process_group(backend=backend)
+        dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
     return DistContext(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank, device=dev)
 
 

@@ -22,10 +22,17 @@ uint8 frames are scaled to [0, 1]; then normalised like the embedded data. Audio
 channels, linearly resampled to ``data.sample_rate`` and centre-cropped / zero-padded to
 ``data.audio_samples``. The vocabulary is built from the training manifest's captions.
 
-Every row is checked when the manifest is opened (file exists, readable header, shape, non-empty
-captions). A bad row raises :class:`~gradharmony.vatt.data.DataError` naming the manifest line,
-the file and the problem, or with ``skip_bad=True`` (``--skip-bad``) it is skipped and recorded
-in ``dataset.skipped``.
+Every row is checked when the manifest is opened, against the format above: ``id`` a non-empty
+string or integer; ``captions`` a non-empty list of strings with at least one word each (or a
+``|``-separated string); ``label`` an integer >= 0; ``misaligned`` 0 or 1; video ``.npy`` of dtype
+uint8 or float, shape ``(T, H, W, C)`` with C in {1, 3} or ``(T, H, W)``, every dimension >= 1,
+finite values; audio ``.npy`` a float ``(L,)`` array with L >= 1 and finite values; ``.wav`` PCM
+with 8/16/32-bit samples, at least one channel and one frame, and a sample rate >= 1 Hz; video
+files open in PyAV with a video stream; CSV rows have no more fields than the header. A bad row
+raises :class:`~gradharmony.vatt.data.DataError` naming the manifest line, the file and the
+problem, or with ``skip_bad=True`` (``--skip-bad``) it is skipped and its reason recorded in
+``dataset.skipped`` (the trainer prints the count and writes it to ``summary.json`` and
+``metrics.jsonl`` as ``data/skipped``).
 """
 from __future__ import annotations
 
@@ -101,20 +108,33 @@ class ManifestDataset:
         return p
 
     def _check_row(self, lineno: int, row: dict[str, Any]) -> dict[str, Any]:
+        where = self._where(lineno)
+        if None in row:  # csv.DictReader puts surplus fields under the key None
+            raise DataError(f"{where}: more fields than the CSV header ({row[None]!r} left over)")
+        ident = row.get("id", lineno)
+        if isinstance(ident, bool) or not isinstance(ident, (str, int)) or (isinstance(ident, str)
+                                                                            and not ident.strip()):
+            raise DataError(f"{where}: 'id' must be a non-empty string or an integer, got {ident!r}")
         captions = row.get("captions", row.get("caption"))
         if isinstance(captions, str):
             captions = captions.split("|")
-        if not isinstance(captions, list) or not captions:
-            raise DataError(f"{self._where(lineno)}: empty caption (no 'captions')")
+        if captions is None or (isinstance(captions, list) and not captions):
+            raise DataError(f"{where}: empty caption (no 'captions')")
+        if not isinstance(captions, list):
+            raise DataError(f"{where}: 'captions' must be a list of strings, got {captions!r}")
         for k, c in enumerate(captions):
             if not isinstance(c, str) or not WordTokenizer.split(c):
-                raise DataError(f"{self._where(lineno)}: empty caption (caption {k + 1} is {c!r})")
+                raise DataError(f"{where}: empty caption (caption {k + 1} is {c!r})")
         video = self._resolve(lineno, row.get("video"), "video")
         audio = self._resolve(lineno, row.get("audio"), "audio")
-        checked = {"id": str(row.get("id", lineno)), "video": video, "audio": audio, "captions": captions,
-                   "label": _opt_int(row.get("label"), self._where(lineno), "label"),
-                   "misaligned": _opt_int(row.get("misaligned"), self._where(lineno), "misaligned"),
-                   "lineno": lineno}
+        label = _opt_int(row.get("label"), where, "label")
+        if label < -1 or (label == -1 and row.get("label") is not None):
+            raise DataError(f"{where}: 'label' must be an integer >= 0, got {row.get('label')!r}")
+        misaligned = _opt_int(row.get("misaligned"), where, "misaligned")
+        if row.get("misaligned") is not None and misaligned not in (0, 1):
+            raise DataError(f"{where}: 'misaligned' must be 0 or 1, got {row.get('misaligned')!r}")
+        checked = {"id": str(ident), "video": video, "audio": audio, "captions": captions,
+                   "label": label, "misaligned": misaligned, "lineno": lineno}
         try:
             _probe_video(video)
             _probe_audio(audio)
@@ -182,12 +202,29 @@ def _read_manifest(path: str) -> list[tuple[int, dict[str, Any]]]:
 
 
 def _opt_int(value: Any, where: str, field: str) -> int:
+    """An optional integer field (-1 when absent); floats must be integral, booleans are refused."""
     if value is None:
         return -1
     try:
-        return int(value)
+        if isinstance(value, bool):
+            raise ValueError
+        f = float(value)
+        if not (np.isfinite(f) and f.is_integer()):
+            raise ValueError
+        return int(f)
     except (TypeError, ValueError):
         raise DataError(f"{where}: '{field}' must be an integer, got {value!r}") from None
+
+
+def _check_finite(arr: np.ndarray, path: str, what: str) -> None:
+    """Raise DataError if a float array holds NaN/inf (checked in slices: the array may be memory-mapped)."""
+    if arr.dtype.kind != "f":
+        return
+    flat = arr.reshape(arr.shape[0], -1) if arr.ndim > 1 else arr.reshape(-1, 1)
+    step = max(1, (1 << 22) // max(1, flat.shape[1]))
+    for i in range(0, flat.shape[0], step):
+        if not np.isfinite(flat[i:i + step]).all():
+            raise DataError(f"{path}: non-finite values (NaN/inf) in {what}")
 
 
 def _check_frames_shape(shape: tuple[int, ...], path: str) -> None:
@@ -198,13 +235,16 @@ def _check_frames_shape(shape: tuple[int, ...], path: str) -> None:
 
 
 def _probe_video(path: str) -> None:
-    """Cheap validity check of a video file (header / container only)."""
+    """Validity check of a video file: a .npy's dtype, shape and values; a video file's container."""
     if path.endswith(".npy"):
         try:
             arr = np.load(path, mmap_mode="r")
         except Exception as e:  # noqa: BLE001 - any decoding failure is a data error
             raise DataError(f"{path}: unreadable .npy ({type(e).__name__}: {e})") from e
+        if arr.dtype != np.uint8 and arr.dtype.kind != "f":
+            raise DataError(f"{path}: video frames must be uint8 or float, got dtype {arr.dtype}")
         _check_frames_shape(arr.shape, path)
+        _check_finite(arr, path, "video frames")
     elif path.lower().endswith(VIDEO_FILE_EXT):
         av = _import_av(path)
         try:
@@ -225,8 +265,11 @@ def _probe_audio(path: str) -> None:
             arr = np.load(path, mmap_mode="r")
         except Exception as e:  # noqa: BLE001
             raise DataError(f"{path}: unreadable .npy ({type(e).__name__}: {e})") from e
+        if arr.dtype.kind != "f":
+            raise DataError(f"{path}: audio .npy must be a float waveform, got dtype {arr.dtype}")
         if arr.ndim != 1 or arr.shape[0] < 1:
             raise DataError(f"{path}: wrong shape {tuple(arr.shape)} for audio (expected a 1-D waveform (L,))")
+        _check_finite(arr, path, "audio")
     elif path.lower().endswith(".wav"):
         try:
             with wave.open(path, "rb") as w:
@@ -234,6 +277,10 @@ def _probe_audio(path: str) -> None:
                     raise DataError(f"{path}: empty wav")
                 if w.getsampwidth() not in (1, 2, 4):
                     raise DataError(f"{path}: unsupported wav sample width {w.getsampwidth()}")
+                if w.getframerate() < 1:
+                    raise DataError(f"{path}: wav sample rate is {w.getframerate()} Hz (must be >= 1)")
+                if w.getnchannels() < 1:
+                    raise DataError(f"{path}: wav has no channels")
         except DataError:
             raise
         except Exception as e:  # noqa: BLE001
@@ -305,4 +352,6 @@ def read_wav(path: str) -> tuple[np.ndarray, int]:
         raise DataError(f"{path}: unsupported wav sample width {width}")
     if x.size == 0:
         raise DataError(f"{path}: empty wav")
+    if rate < 1 or channels < 1:
+        raise DataError(f"{path}: wav sample rate is {rate} Hz with {channels} channels (must be >= 1)")
     return x.reshape(-1, channels).mean(1), rate

@@ -21,12 +21,11 @@ through the video path); the audio and text paths are not re-weighted.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Optional
 
 import numpy as np
@@ -36,17 +35,17 @@ from torch.nn.parallel import DistributedDataParallel
 
 import gradharmony as gh
 
-from .checkpoint import capture_rng, find_latest, list_checkpoints, load_checkpoint, restore_rng, save_checkpoint
+from .checkpoint import apply_resumed_hyperparameters, capture_rng, check_resume_config, load_checkpoint, restore_rng
 from .config import Config, ConfigError
-from .data import ClipDataset, EpochBatchSampler, Subset, load_batch
+from .data import ClipDataset, DataError, EpochBatchSampler, Subset, load_batch
 from .distributed import DistContext, all_gather_tensor, all_reduce_mean, barrier
 from .evaluate import ScoreTracker, conflict_auroc, conflict_scores, evaluate
 from .losses import gather_features, mil_nce_per_sample, nce_per_sample
+from .metering import Meter, StepOutput
 from .model import VATT
+from .runfolder import RunFolder, RunIOError
 
-__all__ = ["TrainState", "Trainer", "NonFiniteLossError", "build_datasets", "warmup_cosine"]
-
-HIST_BINS = 20  # conflict-score histogram bins over [-1, 1]
+__all__ = ["TrainState", "Trainer", "NonFiniteLossError", "RunIOError", "build_datasets", "warmup_cosine"]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -61,35 +60,6 @@ class TrainState:
     samples_seen: int = 0
     train_time_s: float = 0.0
     last_checkpoint: Optional[str] = None
-
-
-@dataclass
-class Meter:
-    """Sums over the current logging interval."""
-
-    n: int = 0
-    loss: float = 0.0
-    loss_va: float = 0.0
-    loss_vt: float = 0.0
-    conflict_fraction: float = 0.0
-    kept_fraction: float = 0.0
-    score_sum: float = 0.0
-    score_n: int = 0
-    hist: list[float] = field(default_factory=lambda: [0.0] * HIST_BINS)
-    time_s: float = 0.0
-    samples: int = 0
-
-
-@dataclass
-class StepOutput:
-    """What one training step reports (global values, averaged over ranks)."""
-
-    loss: float
-    loss_va: float
-    loss_vt: float
-    conflict_fraction: float = float("nan")
-    kept_fraction: float = float("nan")
-    scores: Optional[Tensor] = None  # (B_global,) conflict scores (CPU)
 
 
 # ---------------------------------------------------------------------- builders
@@ -135,6 +105,25 @@ def build_curriculum(cfg: Config) -> Optional[gh.ConflictCurriculum]:
                                  mode=h.curriculum_mode, temperature=h.curriculum_temperature)
 
 
+def _backend_needs_build() -> bool:
+    """Whether the first harmonization will JIT-compile the C++ ops (no prebuilt module, not yet loaded)."""
+    import importlib.util
+
+    from ..kernels import ext
+
+    if ext.ops_source() is not None or os.environ.get("GRADHARMONY_NO_JIT", "") not in ("", "0"):
+        return False
+    if importlib.util.find_spec("gradharmony._C") is not None:
+        return False
+    try:  # a JIT build cached by an earlier run loads in about a second
+        from torch.utils.cpp_extension import _get_build_directory
+
+        folder = _get_build_directory("gradharmony_C", verbose=False)
+        return not any(f.endswith(".so") for f in os.listdir(folder))
+    except Exception:  # noqa: BLE001 - private torch helper; when unsure, announce
+        return True
+
+
 def _ground_truth(ds: ClipDataset) -> np.ndarray:
     if hasattr(ds, "ground_truth"):
         return ds.ground_truth()[1]
@@ -144,8 +133,23 @@ def _ground_truth(ds: ClipDataset) -> np.ndarray:
 # ---------------------------------------------------------------------- trainer
 
 
+def skipped_clips(*datasets: Optional[ClipDataset]) -> list[str]:
+    """Why each bad manifest clip was skipped (``--skip-bad``), over distinct data sets (a Subset counts its base)."""
+    seen: list[Any] = []
+    for ds in datasets:
+        while ds is not None and hasattr(ds, "base"):
+            ds = ds.base
+        if ds is not None and not any(ds is b for b in seen):
+            seen.append(ds)
+    return [reason for b in seen for reason in getattr(b, "skipped", ())]
+
+
 class Trainer:
-    """Owns model, optimizer, scheduler, harmonizer, data position and logging; see module docstring."""
+    """Owns model, optimizer, scheduler, harmonizer, data position and the loop; see module docstring.
+
+    Metering and the metrics file are in :mod:`.metering`; checkpoint files and the resume
+    policy in :mod:`.checkpoint`; the run folder and its write policy in :mod:`.runfolder`.
+    """
 
     def __init__(self, cfg: Config, ctx: Optional[DistContext] = None,
                  datasets: Optional[tuple[ClipDataset, ClipDataset, Optional[ClipDataset]]] = None,
@@ -160,12 +164,18 @@ class Trainer:
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         self.train_set, self.eval_set, self.probe_set = datasets or build_datasets(cfg)
+        t = cfg.train
+        if len(self.train_set) < t.batch_size:
+            where = cfg.data.manifest or "the training data"
+            raise DataError(f"{where}: {len(self.train_set)} usable clips "
+                            f"({len(getattr(self.train_set, 'skipped', ()))} skipped) is fewer than one batch "
+                            f"(--batch-size {t.batch_size})")
+        self.skipped_reasons = skipped_clips(self.train_set, self.eval_set, self.probe_set)
+        self.skipped = len(self.skipped_reasons)
         self.model = self._build_model()
         self.optimizer = torch.optim.Adam(self.raw_model.parameters(), lr=cfg.train.lr,
                                           weight_decay=cfg.train.weight_decay)
-        t = cfg.train
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: warmup_cosine(s, t.warmup_steps, t.steps, t.min_lr_ratio))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: self._lr_at(s))
         self.curriculum = build_curriculum(cfg)
         self.harmonizer: Optional[gh.Harmonizer] = None
         self.hopt: Optional[gh.HarmonizedOptimizer] = None
@@ -175,10 +185,15 @@ class Trainer:
         self.tracker = ScoreTracker(_ground_truth(self.train_set))
         self.state = TrainState()
         self.meter = Meter()
-        self._last_stats_obj: Optional[Any] = None  # gh.ConflictStats of the last step
+        self._last_stats_obj: Optional[gh.ConflictStats] = None  # global statistics of the last step
         self.run_dir = t.out or time.strftime(f"runs/vatt-{cfg.preset}-%Y%m%d-%H%M%S", time.gmtime())
-        self.metrics_path = os.path.join(self.run_dir, "metrics.jsonl")
-        self.ckpt_dir = os.path.join(self.run_dir, "checkpoints")
+        self.folder = RunFolder(self.run_dir, is_main=self.ctx.is_main)
+        self.metrics_path, self.ckpt_dir = self.folder.metrics_path, self.folder.ckpt_dir
+        self.backend_load_s = 0.0
+
+    def _lr_at(self, step: int) -> float:
+        t = self.cfg.train
+        return warmup_cosine(step, t.warmup_steps, t.steps, t.min_lr_ratio)
 
     # -------------------------------------------------------------- construction
 
@@ -206,6 +221,32 @@ class Trainer:
                                                granularity="sample", chunk_size=h.chunk_size, backend=h.backend,
                                                nonfinite=h.nonfinite)
 
+    @property
+    def harmony(self) -> Optional[Any]:
+        """The harmonizer (feature level) or the harmonized optimizer (parameter level); owns the curriculum."""
+        return self.harmonizer if self.harmonizer is not None else self.hopt
+
+    def load_backend(self) -> float:
+        """Load the harmonization backend before the timer starts (the first use JIT-compiles the C++ ops).
+
+        Runs one tiny harmonization of the configured rule and backend on the device, leaving every
+        RNG untouched. Returns the seconds it took (``backend_load_s`` in the summary).
+        """
+        h = self.cfg.harmony
+        if h.level == "none":
+            return 0.0
+        if self.ctx.is_main and h.backend in ("auto", "cpp", "cuda") and _backend_needs_build():
+            print("[gradharmony-pretrain] compiling the C++ extension of the harmonization backend (first use "
+                  "only, ~30 s; not counted as training time)...", flush=True)
+        tic = time.perf_counter()
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            g = torch.randn(2, 2, 8, generator=torch.Generator().manual_seed(0)).to(self.device)
+            gh.harmonize(g, h.method, backend=h.backend)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - tic
+
     # -------------------------------------------------------------- one step
 
     def next_batch(self) -> tuple[dict[str, Tensor], np.ndarray]:
@@ -227,7 +268,7 @@ class Trainer:
         return l_va, l_vt
 
     def train_step(self, batch: dict[str, Tensor]) -> StepOutput:
-        """Forward, harmonized backward, optimizer/scheduler/curriculum step."""
+        """Forward, harmonized backward, optimizer/scheduler step; the harmonizer steps its curriculum."""
         self.model.train()
         zero_grad = self.hopt.zero_grad if self.hopt is not None else self.optimizer.zero_grad
         zero_grad(set_to_none=True)
@@ -241,13 +282,14 @@ class Trainer:
             self.hopt.backward([0.5 * l_va / n, 0.5 * l_vt / n])
         else:
             loss.backward()
-        stats = self._last_stats()
+        harmony = self.harmony
+        stats = None if harmony is None else harmony.last_stats
         if self.cfg.train.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), self.cfg.train.grad_clip)
-        (self.hopt or self.optimizer).step()
+        (self.hopt or self.optimizer).step()  # HarmonizedOptimizer.step also steps its curriculum
         self.scheduler.step()
-        if self.curriculum is not None and self.hopt is None:
-            self.curriculum.step()
+        if self.harmonizer is not None:
+            self.harmonizer.step()  # the curriculum, once per step
         return self._step_output(loss, l_va, l_vt, stats)
 
     def _check_finite(self, loss: Tensor) -> None:
@@ -255,48 +297,62 @@ class Trainer:
         if float(all_reduce_mean(bad, self.ctx)) > 0:
             raise NonFiniteLossError(f"non-finite loss ({float(loss.detach()):.4g}) at step {self.state.step + 1}")
 
-    def _last_stats(self) -> Optional[Any]:
-        src = self.harmonizer if self.harmonizer is not None else self.hopt
-        return None if src is None else src.last_stats
+    def _step_output(self, loss: Tensor, l_va: Tensor, l_vt: Tensor,
+                     stats: Optional[gh.ConflictStats]) -> StepOutput:
+        """Global step values with one device->host copy: losses averaged over ranks, statistics gathered.
 
-    def _step_output(self, loss: Tensor, l_va: Tensor, l_vt: Tensor, stats: Optional[Any]) -> StepOutput:
-        """Global step values with one device->host copy: losses averaged over ranks, scores gathered.
-
-        conflict fraction = share of the global batch with score < 0; kept fraction = mean raw
-        curriculum weight (1 without curriculum), as in ``gh.ConflictStats``.
+        The per-sample score, curriculum weight, applied weight and cosines of every rank are
+        gathered into one ``gh.ConflictStats`` of the global batch (CPU), which gives the
+        conflict fraction, kept fraction and histogram.
         """
-        means = torch.stack([loss.detach(), l_va.detach().mean(), l_vt.detach().mean()]).float()
-        means = all_reduce_mean(means, self.ctx)
+        threshold = None if stats is None else stats.threshold  # a float, or a 0-d tensor on the device
+        thr = torch.as_tensor(float("nan") if threshold is None else threshold, device=loss.device).float()
+        means = torch.stack([loss.detach().float(), l_va.detach().mean().float(), l_vt.detach().mean().float(),
+                             thr.detach().reshape(())])
+        means = all_reduce_mean(means, self.ctx)  # the threshold is the same on every rank (global curriculum)
         if stats is None:
             red = means.cpu().tolist()
             return StepOutput(loss=red[0], loss_va=red[1], loss_vt=red[2])
         score = stats.score.detach().float().reshape(-1)
+        b, k = score.shape[0], stats.cos.shape[-1]
         cw = stats.curriculum_weights
-        kept = (torch.ones_like(score) if cw is None else cw.detach().float().reshape(-1))
-        per_sample = all_gather_tensor(torch.stack([score, kept], dim=1), self.ctx)  # (B_global, 2)
+        cols = [score, torch.ones_like(score) if cw is None else cw.detach().float().reshape(-1),
+                stats.sample_weights.detach().float().reshape(-1), stats.cos.detach().float().reshape(b, k * k)]
+        per_sample = all_gather_tensor(torch.cat([c.reshape(b, -1) for c in cols], dim=1), self.ctx)
+        width = per_sample.shape[1]
         flat = torch.cat([means, per_sample.reshape(-1)]).cpu()
-        red, per_sample = flat[:3].tolist(), flat[3:].view(-1, 2)
-        self._last_stats_obj = stats
-        return StepOutput(loss=red[0], loss_va=red[1], loss_vt=red[2],
-                          conflict_fraction=float((per_sample[:, 0] < 0).float().mean()),
-                          kept_fraction=float(per_sample[:, 1].mean()), scores=per_sample[:, 0])
+        red, per_sample = flat[:4].tolist(), flat[4:].view(-1, width)
+        glob = gh.ConflictStats(cos=per_sample[:, 3:].reshape(-1, k, k), score=per_sample[:, 0],
+                                sample_weights=per_sample[:, 2],
+                                curriculum_weights=None if cw is None else per_sample[:, 1],
+                                threshold=None if threshold is None else red[3])
+        self._last_stats_obj = glob
+        return StepOutput(loss=red[0], loss_va=red[1], loss_vt=red[2], stats=glob)
 
     # -------------------------------------------------------------- loop
 
     def fit(self) -> dict[str, Any]:
-        """Train to ``train.steps`` (or ``stop_after`` steps this session); returns the summary."""
+        """Train to ``train.steps`` (or ``stop_after`` steps this session); returns the summary.
+
+        Raises :class:`ConfigError` naming ``--out`` when the run folder cannot be written at the
+        start, and :class:`RunIOError` when a write fails during training.
+        """
         t = self.cfg.train
-        if t.resume == "latest" and find_latest(self.ckpt_dir) is None:
+        if t.resume == "latest" and self.folder.latest() is None:
             if self.ctx.is_main:  # first session of a preemptible job: nothing to resume yet
                 print(f"--resume latest: no checkpoint in {self.ckpt_dir}; starting from scratch", flush=True)
         elif t.resume:
             self.resume(t.resume)
-        elif find_latest(self.ckpt_dir) is not None and not self.overwrite:
+        elif self.folder.latest() is not None and not self.overwrite:
             raise ConfigError(f"--out: {self.run_dir} already holds checkpoints; pass --resume latest to continue "
                               f"or --overwrite to start over")
         barrier(self.ctx)
         if self.ctx.is_main:
-            self._prepare_run_dir()
+            self.folder.prepare(self.cfg.to_dict(), self.state.step, {"step": 0, "data/skipped": self.skipped})
+        if self.ctx.is_main and self.skipped:
+            print(f"[gradharmony-pretrain] --skip-bad: {self.skipped} bad clips skipped "
+                  f"(first: {self.skipped_reasons[0]})", flush=True)
+        self.backend_load_s = self.load_backend()
         stop_at = t.steps if t.stop_after is None else min(t.steps, self.state.step + t.stop_after)
         self._stop_at = stop_at
         status = "completed" if stop_at == t.steps else "stopped"
@@ -321,9 +377,9 @@ class Trainer:
         dt = time.perf_counter() - tic
         self.state.samples_seen += t.batch_size
         self.state.train_time_s += dt
-        if res.scores is not None:
-            self.tracker.update(glob, res.scores, self.state.step)
-        self._accumulate(res, dt)
+        if res.stats is not None:
+            self.tracker.update(glob, res.stats.score, self.state.step)
+        self.meter.add(res, dt, t.batch_size)
         step = self.state.step
         if step % t.log_every == 0 or step == t.steps:
             self._log_interval()
@@ -343,46 +399,15 @@ class Trainer:
 
         return tqdm(total=self.cfg.train.steps, initial=self.state.step, desc="vatt", dynamic_ncols=True)
 
-    def _accumulate(self, res: StepOutput, dt: float) -> None:
-        m = self.meter
-        m.n += 1
-        m.loss += res.loss
-        m.loss_va += res.loss_va
-        m.loss_vt += res.loss_vt
-        m.time_s += dt
-        m.samples += self.cfg.train.batch_size
-        if res.scores is not None:
-            m.conflict_fraction += res.conflict_fraction
-            m.kept_fraction += res.kept_fraction
-            s = res.scores.double().clamp(-1, 1).numpy()
-            m.score_sum += float(s.sum())
-            m.score_n += len(s)
-            counts = np.histogram(s, bins=HIST_BINS, range=(-1.0, 1.0))[0]
-            m.hist = [a + float(b) for a, b in zip(m.hist, counts)]
-
     def _log_interval(self) -> None:
-        m = self.meter
-        rec: dict[str, Any] = {"step": self.state.step, "loss": m.loss / m.n, "train/loss": m.loss / m.n,
-                               "train/loss_va": m.loss_va / m.n, "train/loss_vt": m.loss_vt / m.n,
-                               "train/lr": self.scheduler.get_last_lr()[0],
-                               "train/samples_per_s": m.samples / max(m.time_s, 1e-9),
-                               "train/epoch": self.sampler.epoch}
-        if m.score_n:
-            rec.update({"train/conflict_fraction": m.conflict_fraction / m.n,
-                        "train/kept_fraction": m.kept_fraction / m.n,
-                        "train/score_mean": m.score_sum / m.score_n, "train/score_hist": m.hist})
-            last = self._last_stats_obj
-            if last is not None:  # this rank's statistics of the interval's last step
-                rec.update({k: float(v) for k, v in last.to_dict(prefix="train/conflict/").items()})
+        rec = self.meter.record(self.state.step, self.scheduler.get_last_lr()[0], self.sampler.epoch,
+                                self._last_stats_obj)
         self.meter = Meter()
         self.log(rec)
 
     def log(self, rec: dict[str, Any]) -> None:
         """Append one JSON record to metrics.jsonl (rank 0)."""
-        if not self.ctx.is_main:
-            return
-        with open(self.metrics_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(rec) + "\n")
+        self.folder.log(rec, self.state.last_checkpoint)
 
     def run_eval(self) -> dict[str, float]:
         """Evaluation on rank 0 (others wait); also the conflict-score AUROC. Logged as ``eval/``."""
@@ -410,10 +435,19 @@ class Trainer:
                                  self.cfg.model.temperature, limit)
         return conflict_auroc(scores, self.tracker.misaligned[:limit])
 
+    def _final_eval(self) -> dict[str, float]:
+        """The final evaluation, or the one already logged for this step (a finished run resumed again)."""
+        if self.ctx.is_main:
+            done = self.folder.logged_eval(self.state.step)
+            if done is not None:
+                barrier(self.ctx)
+                return done
+        return self.run_eval()
+
     # -------------------------------------------------------------- failure / end
 
     def _on_nonfinite(self, err: Exception) -> None:
-        last = self.state.last_checkpoint or find_latest(self.ckpt_dir)
+        last = self.state.last_checkpoint or self.folder.latest()
         msg = (f"error: {err}; stopping. The last good checkpoint is "
                f"{last if last else '(none written yet)'}; resume with --resume latest after fixing the cause "
                f"(e.g. a lower --lr)")
@@ -425,43 +459,36 @@ class Trainer:
     def _finish(self, status: str) -> dict[str, Any]:
         summary: dict[str, Any] = {"status": status, "step": self.state.step,
                                    "train_time_s": self.state.train_time_s,
+                                   "backend_load_s": self.backend_load_s,
+                                   "data/skipped": self.skipped,
                                    "last_checkpoint": self.state.last_checkpoint}
         if status == "completed":
-            summary.update(self.run_eval())
+            summary.update(self._final_eval())
             if self.ctx.is_main and self.cfg.train.plots:
-                from .plots import make_plots
-
-                summary["plots"] = make_plots(self.metrics_path, os.path.join(self.run_dir, "plots"))
+                summary["plots"] = self.folder.plots(self.state.step, self.state.last_checkpoint)
         if self.ctx.is_main:
-            with open(os.path.join(self.run_dir, "summary.json"), "w", encoding="utf-8") as f:
-                json.dump(summary, f, indent=2)
+            self.folder.write_summary(summary, self.state.step, self.state.last_checkpoint)
         return summary
 
     # -------------------------------------------------------------- checkpoints
 
-    def _prepare_run_dir(self) -> None:
-        os.makedirs(self.run_dir, exist_ok=True)
-        if self.state.step == 0:
-            for old in list_checkpoints(self.ckpt_dir):  # only reached with --overwrite
-                os.unlink(old)
-        with open(os.path.join(self.run_dir, "config.json"), "w", encoding="utf-8") as f:
-            json.dump(self.cfg.to_dict(), f, indent=2)
-        _truncate_metrics(self.metrics_path, self.state.step)
-
     def checkpoint_payload(self) -> dict[str, Any]:
-        """Everything needed to continue bit-for-bit."""
-        harmony = self.harmonizer or self.hopt
+        """Everything needed to continue bit-for-bit, as tensors and plain data (``weights_only`` loadable).
+
+        The curriculum state is inside ``harmony`` (the harmonizer or harmonized optimizer owns it).
+        """
+        harmony = self.harmony
         return {
             "config": self.cfg.to_dict(),
+            "vocab": list(self.train_set.tokenizer.vocab),
             "train_state": asdict(self.state),
             "model": self.raw_model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "harmony": harmony.state_dict() if harmony is not None else None,
-            "curriculum": self.curriculum.state_dict() if self.curriculum is not None else None,
             "rng": capture_rng(),
             "sampler": self.sampler.state_dict(),
-            "tracker": self.tracker.state_dict(),
+            "tracker": {k: torch.as_tensor(v) for k, v in self.tracker.state_dict().items()},
             "meter": asdict(self.meter),
             "world_size": self.ctx.world_size,
         }
@@ -470,54 +497,30 @@ class Trainer:
         """Atomic checkpoint on rank 0 (RNG state of rank 0; other ranks keep theirs)."""
         path = None
         if self.ctx.is_main:
-            path = save_checkpoint(self.ckpt_dir, self.state.step, self.checkpoint_payload(),
-                                   keep=self.cfg.train.keep_checkpoints)
+            path = self.folder.save(self.state.step, self.checkpoint_payload(), self.cfg.train.keep_checkpoints,
+                                    self.state.last_checkpoint)
         self.state.last_checkpoint = path or os.path.join(self.ckpt_dir, f"step_{self.state.step:08d}.pt")
         barrier(self.ctx)
         return path
 
-    def _apply_resumed_hyperparameters(self) -> None:
-        """This run's --lr and weight decay over the ones in the loaded optimizer/scheduler state.
-
-        ``load_state_dict`` restores the saved peak LR (scheduler ``base_lrs``, the groups'
-        ``initial_lr``) and weight decay, which would silently ignore a lower ``--lr`` given to
-        continue after a NaN stop. Unchanged values are left alone (bit-for-bit resume).
-        """
-        t = self.cfg.train
-        groups = self.optimizer.param_groups
-        changed = False
-        for i, g in enumerate(groups):
-            if self.scheduler.base_lrs[i] != t.lr:
-                old = self.scheduler.base_lrs[i]
-                self.scheduler.base_lrs[i] = t.lr
-                g["initial_lr"] = t.lr
-                g["lr"] = t.lr * warmup_cosine(self.scheduler.last_epoch, t.warmup_steps, t.steps, t.min_lr_ratio)
-                changed = True
-                if self.ctx.is_main and i == 0:
-                    print(f"--resume: peak lr {old:g} -> {t.lr:g} (this run's --lr)", flush=True)
-            if g.get("weight_decay") != t.weight_decay:
-                g["weight_decay"] = t.weight_decay
-        if changed:
-            self.scheduler._last_lr = [g["lr"] for g in groups]
-
     def resume(self, spec: str) -> None:
         """Load ``latest`` (highest step in ``<out>/checkpoints``) or a checkpoint path."""
-        path = find_latest(self.ckpt_dir) if spec == "latest" else spec
+        path = self.folder.latest() if spec == "latest" else spec
         if path is None:
             raise FileNotFoundError(f"--resume latest: no checkpoint in {self.ckpt_dir}")
         ck = load_checkpoint(path)
-        _check_resume_config(path, ck.get("config"), self.cfg.to_dict())
+        check_resume_config(path, ck.get("config"), self.cfg.to_dict())
         self.raw_model.load_state_dict(ck["model"])
         self.optimizer.load_state_dict(ck["optimizer"])
         self.scheduler.load_state_dict(ck["scheduler"])
-        self._apply_resumed_hyperparameters()
-        harmony = self.harmonizer or self.hopt
+        t = self.cfg.train
+        apply_resumed_hyperparameters(self.optimizer, self.scheduler, t.lr, t.weight_decay, self._lr_at,
+                                      verbose=self.ctx.is_main)
+        harmony = self.harmony
         if harmony is not None and ck["harmony"] is not None:
-            harmony.load_state_dict(ck["harmony"])
-        if self.curriculum is not None and ck["curriculum"] is not None:
-            self.curriculum.load_state_dict(ck["curriculum"])
+            harmony.load_state_dict(ck["harmony"])  # rule state and curriculum
         self.sampler.load_state_dict(ck["sampler"])
-        self.tracker.load_state_dict(ck["tracker"])
+        self.tracker.load_state_dict({k: v.numpy() for k, v in ck["tracker"].items()})
         self.meter = Meter(**ck["meter"])
         self.state = TrainState(**ck["train_state"])
         self.state.last_checkpoint = path
@@ -525,51 +528,3 @@ class Trainer:
             restore_rng(ck["rng"])
         if self.ctx.rank:  # only rank 0's RNG is saved: other ranks re-seed deterministically
             torch.manual_seed(self.cfg.train.seed + self.ctx.rank + 7919 * self.state.step)
-
-
-# Options that may differ between the run that wrote a checkpoint and the one resuming it
-# (where to run, how often to log/evaluate/save, the learning rate after a NaN stop, ...).
-# Every other model/data/harmony/train field shapes the saved state (parameters, data order,
-# LR schedule, curriculum schedule, rule state) and must match.
-RESUME_MAY_CHANGE = frozenset({
-    "data.eval_manifest", "data.eval_size",
-    "harmony.chunk_size", "harmony.backend", "harmony.nonfinite",
-    "train.lr", "train.min_lr_ratio", "train.weight_decay", "train.grad_clip", "train.device", "train.threads",
-    "train.out", "train.resume", "train.log_every", "train.eval_every", "train.ckpt_every",
-    "train.keep_checkpoints", "train.stop_after", "train.progress", "train.plots", "train.eval_batch_size",
-})
-
-
-def _check_resume_config(path: str, saved: Optional[dict[str, Any]], current: dict[str, Any]) -> None:
-    """Raise ConfigError naming the options that differ from the checkpoint's run (not loadable)."""
-    if not saved:
-        return
-    diffs = []
-    for section in ("model", "data", "harmony", "train"):
-        old, new = saved.get(section, {}), current.get(section, {})
-        for name in new:
-            key = f"{section}.{name}"
-            if key in RESUME_MAY_CHANGE or name not in old:
-                continue
-            a, b = old[name], new[name]
-            if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-                a, b = list(a), list(b)
-            if a != b:
-                diffs.append(f"{key}={b!r} (checkpoint: {old[name]!r})")
-    if diffs:
-        more = f" and {len(diffs) - 3} more" if len(diffs) > 3 else ""
-        raise ConfigError(
-            f"--resume: {path} was written by a run with other options: {'; '.join(diffs[:3])}{more}. "
-            "Resume with the options of that run (its config.json: --config <out>/config.json) "
-            "or start over with --overwrite"
-        )
-
-
-def _truncate_metrics(path: str, step: int) -> None:
-    """Drop records past ``step`` (written after the checkpoint we resume from)."""
-    if not os.path.exists(path):
-        return
-    with open(path, encoding="utf-8") as f:
-        lines = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) <= step]
-    with open(path, "w", encoding="utf-8") as f:
-        f.writelines(lines)

@@ -26,8 +26,8 @@ def test_two_gloo_ranks_match_single_process(tmp_path) -> None:
            "-m", "gradharmony.vatt"] + tiny_argv(str(ddp)) + common
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    ls = [r["loss"] for r in read_metrics(str(single)) if "loss" in r]
-    ld = [r["loss"] for r in read_metrics(str(ddp)) if "loss" in r]
+    ls = [r["train/loss"] for r in read_metrics(str(single)) if "train/loss" in r]
+    ld = [r["train/loss"] for r in read_metrics(str(ddp)) if "train/loss" in r]
     assert len(ls) == len(ld) == 2
     torch.testing.assert_close(torch.tensor(ld), torch.tensor(ls), rtol=1e-5, atol=1e-5)
     ms = load_checkpoint(list_checkpoints(str(single / "checkpoints"))[-1])["model"]
