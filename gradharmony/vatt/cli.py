@@ -109,13 +109,17 @@ def _flag_name(msg: str, given: set[str]) -> str:
 
 
 def _report(summary: dict[str, Any]) -> None:
-    keys = ("eval/v2t_R@1", "eval/v2t_R@10", "eval/t2v_R@10", "eval/v2a_R@10", "eval/v2t_class_R@1",
+    keys = ("eval/v2t_R@1", "eval/v2t_R@10", "eval/t2v_R@10", "eval/v2a_R@10", "eval/a2v_R@10", "eval/v2t_class_R@1",
             "eval/v2a_class_R@1", "eval/probe_acc", "eval/auroc_conflict", "eval/auroc_conflict_pass")
     print(f"[{PROG}] {summary['status']} at step {summary['step']} "
           f"({summary['train_time_s']:.1f}s in training steps)")
     for k in keys:
         if k in summary:
-            print(f"  {k:24s} {summary[k]:.4f}")
+            chance = summary.get(k.replace("eval/", "eval/chance/", 1), 0.5 if "auroc" in k else None)
+            within = summary.get(k.replace("eval/", "eval/chance_within_class/", 1))
+            note = "" if chance is None else f"   (chance {chance:.4f}" + (
+                "" if within is None else f", within-class chance {within:.4f}") + ")"
+            print(f"  {k:24s} {summary[k]:.4f}{note}")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

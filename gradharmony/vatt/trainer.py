@@ -40,7 +40,7 @@ from .checkpoint import capture_rng, find_latest, list_checkpoints, load_checkpo
 from .config import Config, ConfigError
 from .data import ClipDataset, EpochBatchSampler, Subset, load_batch
 from .distributed import DistContext, all_gather_tensor, all_reduce_mean, barrier
-from .evaluate import ScoreTracker, conflict_auroc, conflict_scores, evaluate
+from .evaluate import ScoreTracker, conflict_auroc, conflict_scores, describe_eval_data, evaluate
 from .losses import gather_features, mil_nce_per_sample, nce_per_sample
 from .model import VATT
 
@@ -108,6 +108,10 @@ def build_datasets(cfg: Config) -> tuple[ClipDataset, ClipDataset, Optional[Clip
     train = ManifestDataset(d.manifest, d, skip_bad=d.skip_bad)
     if d.eval_manifest is not None:
         ev: ClipDataset = ManifestDataset(d.eval_manifest, d, tokenizer=train.tokenizer, skip_bad=d.skip_bad)
+    elif d.eval_split == "holdout":
+        from .evaluate import holdout_split
+
+        train, ev = holdout_split(train, d.eval_size, cfg.train.batch_size)
     else:
         ev = Subset(train, range(min(d.eval_size, len(train))))
     half = len(ev) // 2
@@ -297,6 +301,8 @@ class Trainer:
         barrier(self.ctx)
         if self.ctx.is_main:
             self._prepare_run_dir()
+        if self.state.step == 0 and t.eval_every:  # the untrained model: a baseline for every curve
+            self.run_eval()
         stop_at = t.steps if t.stop_after is None else min(t.steps, self.state.step + t.stop_after)
         self._stop_at = stop_at
         status = "completed" if stop_at == t.steps else "stopped"
@@ -371,6 +377,7 @@ class Trainer:
             rec.update({"train/conflict_fraction": m.conflict_fraction / m.n,
                         "train/kept_fraction": m.kept_fraction / m.n,
                         "train/score_mean": m.score_sum / m.score_n, "train/score_hist": m.hist})
+            rec.update(self.tracker.interval_record("train/"))  # cosines split by ground-truth alignment
             last = self._last_stats_obj
             if last is not None:  # this rank's statistics of the interval's last step
                 rec.update({k: float(v) for k, v in last.to_dict(prefix="train/conflict/").items()})
@@ -426,6 +433,7 @@ class Trainer:
         summary: dict[str, Any] = {"status": status, "step": self.state.step,
                                    "train_time_s": self.state.train_time_s,
                                    "last_checkpoint": self.state.last_checkpoint}
+        summary["eval_data"] = describe_eval_data(self.cfg, len(self.train_set), len(self.eval_set))
         if status == "completed":
             summary.update(self.run_eval())
             if self.ctx.is_main and self.cfg.train.plots:
@@ -446,7 +454,7 @@ class Trainer:
                 os.unlink(old)
         with open(os.path.join(self.run_dir, "config.json"), "w", encoding="utf-8") as f:
             json.dump(self.cfg.to_dict(), f, indent=2)
-        _truncate_metrics(self.metrics_path, self.state.step)
+        _truncate_metrics(self.metrics_path, self.state.step if self.state.step else -1)  # fresh: drop all
 
     def checkpoint_payload(self) -> dict[str, Any]:
         """Everything needed to continue bit-for-bit."""
