@@ -179,8 +179,15 @@ def _retrieval(plt: Any, recs: list[dict[str, Any]], save: Any) -> None:
             ax.axhline(within, color="black", linestyle="--", linewidth=1,
                        label=f"within-class chance ({within:.3g})")
         if metric == "median_rank":
-            if ax.has_data():
+            ys = [y for ln in ax.get_lines() for y in ln.get_ydata()]
+            if ys and min(ys) > 0 and max(ys) / min(ys) > 10:  # log scale only where it spans a decade
+                from matplotlib.ticker import FuncFormatter, NullFormatter
+
                 ax.set_yscale("log")
+                ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+                ax.yaxis.set_minor_formatter(NullFormatter())
+            else:
+                ylabel = "rank (1 = best)"
         else:
             ax.set_ylim(-0.02, 1.02)
         ax.set(xlabel="training step", ylabel=ylabel, title=title)
