@@ -49,7 +49,8 @@ def _parser() -> argparse.ArgumentParser:
     a("--curriculum-start", help="start value (fraction kept, or cosine threshold)")
     a("--curriculum-end", help="end value")
     a("--data", help="training manifest (.jsonl/.csv); default: embedded digits data")
-    a("--eval-data", help="evaluation manifest (default: the first clips of --data)")
+    a("--eval-data", help="evaluation manifest (default: the last clips of --data, held out of training; "
+                           "data.eval_split)")
     a("--skip-bad", action="store_true", help="skip (and count) bad clips instead of failing")
     a("--misaligned-fraction", help="embedded data: fraction of misaligned training triplets")
     a("--backbone", help="shared (modality-agnostic) or specific (one Transformer per modality)")
