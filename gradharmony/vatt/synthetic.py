@@ -12,15 +12,16 @@ shared by the three modalities, so that retrieval can be learned beyond the clas
   a chord at ``(c + 2) * sr / 64`` Hz and its octave; narration = "seven";
 * colour (6): video = the digit's colour; audio = a tone at the odd harmonic ``13 + 2 j`` of
   ``sr / 64`` (above the chords); narration = "red", "green", ...;
-* size (2): video = digit side ``S/4`` or ``S/2``; audio = gain 0.45 or 0.9; narration = "small", "big";
-* speed (2): video = 0.5 or 2 pixels per frame (at S = 32); audio = 2 or 6 loudness pulses per clip;
+* size (2): video = digit side ``S/4`` or ``S/2``; audio = a tone at harmonic 29 or 1 of ``sr / 64`` (small
+  sounds high, big low) and gain 0.6 or 0.9; narration = "small", "big";
+* speed (2): video = 0.25 or 3 pixels per frame (at S = 32); audio = 2 or 6 loudness pulses per clip;
   narration = "slowly", "quickly".
 
 * video (C, T, S, S): the digit (a scikit-learn image of the class, nearest-neighbour resized),
   coloured, moving in a random direction (bouncing at the borders) over a dim background tinted by
   the class (a deliberately easy class cue, with a random gradient) with pixel noise; stored as uint8, returned normalised to roughly zero mean / unit scale.
-* audio (L,): the class chord plus the colour tone (every 64-sample window holds whole periods;
-  class- and colour-specific phases with per-clip jitter), gated by the speed's pulse rhythm, at the size's gain, plus noise.
+* audio (L,): the class chord plus the colour and size tones (every 64-sample window holds whole
+  periods; class-, colour- and size-specific phases with per-clip jitter), gated by the speed's pulse rhythm, at the size's gain, plus noise.
 * narrations (P candidates): distinct templates naming size, colour, digit and speed
   ("a big red seven is moving quickly across the screen", ...).
 
@@ -60,10 +61,11 @@ PALETTE = np.array([[1.0, 0.15, 0.15], [0.15, 0.9, 0.15], [0.25, 0.35, 1.0], [1.
 CLASS_TINT = np.array([[1.0, 0.3, 0.3], [0.3, 1.0, 0.3], [0.3, 0.3, 1.0], [1.0, 1.0, 0.3], [1.0, 0.3, 1.0],
                        [0.3, 1.0, 1.0], [1.0, 0.6, 0.2], [0.6, 0.3, 1.0], [0.8, 0.8, 0.8], [0.5, 1.0, 0.5]],
                       dtype=np.float32)  # background tint per class (dimmed), an easy class cue
-SIZES = ("small", "big")  # digit side S/4 or S/2; audio gain 0.45 or 0.9
-SPEEDS = ("slowly", "quickly")  # 0.5 or 2 pixels per frame (at S = 32); 2 or 6 audio pulses per clip
-SIZE_GAIN = (0.45, 0.9)
-SPEED_PX = (0.5, 2.0)
+SIZES = ("small", "big")  # digit side S/4 or S/2; audio: a high or a low tone, gain 0.6 or 0.9
+SPEEDS = ("slowly", "quickly")  # 0.25 or 3 pixels per frame (at S = 32); 2 or 6 audio pulses per clip
+SIZE_GAIN = (0.6, 0.9)
+SIZE_HARMONIC = (29, 1)  # small things sound high, big ones low (harmonics of sr / 64)
+SPEED_PX = (0.25, 3.0)
 SPEED_PULSES = (2, 6)
 CACHE_BYTES = 512 * 2**20  # rendered clips are kept in memory when the split fits in this budget
 
@@ -189,14 +191,15 @@ class DigitsAVT:
         tt = np.arange(n, dtype=np.float64) / sr
         f0 = (cls + 2) * sr / 64.0
         fc = (13 + 2 * colour_i) * sr / 64.0
-        # phase-locked: class- and colour-specific phases with per-clip jitter (visible to a patch embedding)
-        ph = np.array([0.6 * cls, 1.2 * cls, 1.1 * colour_i]) + rng.uniform(-0.3, 0.3, size=3)
+        fs = SIZE_HARMONIC[size_i] * sr / 64.0
+        # phase-locked: class-, colour- and size-specific phases with per-clip jitter (visible to a patch embedding)
+        ph = np.array([0.6 * cls, 1.2 * cls, 1.1 * colour_i, 2.0 * size_i]) + rng.uniform(-0.3, 0.3, size=4)
         tone = (np.sin(2 * np.pi * f0 * tt + ph[0]) + 0.6 * np.sin(2 * np.pi * 2.0 * f0 * tt + ph[1])
-                + 0.6 * np.sin(2 * np.pi * fc * tt + ph[2]))
+                + 0.8 * np.sin(2 * np.pi * fc * tt + ph[2]) + 0.6 * np.sin(2 * np.pi * fs * tt + ph[3]))
         pulses = SPEED_PULSES[speed_i]
         env = 0.5 + 0.5 * np.cos(2 * np.pi * pulses * (np.arange(n) / n) + rng.uniform(0, 2 * np.pi))
         gain = SIZE_GAIN[size_i] * rng.uniform(0.92, 1.08)
-        wave = gain * tone * env / 2.2 + rng.normal(0.0, 0.05, size=n)
+        wave = gain * tone * env / 3.0 + rng.normal(0.0, 0.05, size=n)
         return np.clip(wave, -1.0, 1.0).astype(np.float32)
 
     def _narrations(self, rng: np.random.Generator, cls: int,
