@@ -19,9 +19,11 @@ shared by the three modalities, so that retrieval can be learned beyond the clas
 
 * video (C, T, S, S): the digit (a scikit-learn image of the class, nearest-neighbour resized),
   coloured, moving in a random direction (bouncing at the borders) over a dim background tinted by
-  the class (a deliberately easy class cue, with a random gradient) with pixel noise; stored as uint8, returned normalised to roughly zero mean / unit scale.
+  the class (a deliberately easy class cue, with a random gradient) with pixel noise; stored as
+  uint8, returned normalised to roughly zero mean / unit scale.
 * audio (L,): the class chord plus the colour and size tones (every 64-sample window holds whole
-  periods; class-, colour- and size-specific phases with per-clip jitter), gated by the speed's pulse rhythm, at the size's gain, plus noise.
+  periods; class-, colour- and size-specific phases with per-clip jitter), gated by the speed's
+  pulse rhythm, at the size's gain, plus noise.
 * narrations (P candidates): distinct templates naming size, colour, digit and speed
   ("a big red seven is moving quickly across the screen", ...).
 
