@@ -20,8 +20,8 @@ Modules:
                   positions + aggregation token per modality, DropToken, shared or
                   modality-specific Transformer, FAC heads (video -> va -> vt, audio -> va, text -> vt)
     losses        per-sample NCE (video-audio) and MIL-NCE (video-text), autograd all-gather
-    synthetic     embedded data: moving scikit-learn digits, class sounds, templated narrations,
-                  a misaligned fraction with ground truth
+    synthetic     embedded data: moving scikit-learn digits, sounds, templated narrations sharing
+                  class and instance attributes, a misaligned fraction with ground truth
     manifest      users' clips from a JSONL/CSV manifest (.npy / PyAV video, .wav / .npy audio)
     trainer       TrainState, Trainer: the loop (train_step, fit, eval, save, bit-for-bit resume)
     metering      per-interval sums, the metrics record (conflict statistics from gh.ConflictStats),
@@ -30,7 +30,8 @@ Modules:
                   the resume policy (which options may change), load_model (a trained VATT)
     runfolder     the run folder (--out) and its write policy: a bad --out at the start, RunIOError
                   (exit 3) during the run, stale .tmp_* removed, no second final evaluation
-    evaluate      retrieval R@1/5/10 + median rank, linear probe, conflict-score AUROC
+    evaluate      retrieval R@1/5/10 + median rank (ties in expectation) with chance levels, linear
+                  probe, conflict-score AUROC, held-out split
     distributed   torchrun / DDP helpers (NCCL on GPU, Gloo on CPU)
     plots, cli    PNG plots; ``main(argv)`` for ``gradharmony-pretrain``
 

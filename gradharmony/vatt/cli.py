@@ -70,7 +70,8 @@ def _parser() -> argparse.ArgumentParser:
                             "0.0 for threshold)")
     a("--curriculum-end", "end value (default: 1.0 for fraction, -1.0 for threshold)")
     a("--data", "training manifest (.jsonl/.csv); default: embedded digits data")
-    a("--eval-data", "evaluation manifest (default: the first clips of --data)")
+    a("--eval-data", "evaluation manifest (default: the last clips of --data, held out of training; "
+                    "data.eval_split)")
     a("--skip-bad", "skip (and count) bad clips instead of failing", action="store_true")
     a("--misaligned-fraction", "embedded data: fraction of misaligned training triplets")
     a("--backbone", "modality-agnostic (one Transformer) or modality-specific", choices=("shared", "specific"))
@@ -130,7 +131,7 @@ def _flag_name(msg: str, given: set[str]) -> str:
 
 
 def _report(summary: dict[str, Any]) -> None:
-    keys = ("eval/v2t_R@1", "eval/v2t_R@10", "eval/t2v_R@10", "eval/v2a_R@10", "eval/v2t_class_R@1",
+    keys = ("eval/v2t_R@1", "eval/v2t_R@10", "eval/t2v_R@10", "eval/v2a_R@10", "eval/a2v_R@10", "eval/v2t_class_R@1",
             "eval/v2a_class_R@1", "eval/probe_acc", "eval/auroc_conflict", "eval/auroc_conflict_pass")
     print(f"[{PROG}] {summary['status']} at step {summary['step']} "
           f"({summary['train_time_s']:.1f}s in training steps)")
@@ -138,7 +139,11 @@ def _report(summary: dict[str, Any]) -> None:
         print(f"  {'data/skipped':24s} {summary['data/skipped']} bad clips skipped (--skip-bad)")
     for k in keys:
         if k in summary:
-            print(f"  {k:24s} {summary[k]:.4f}")
+            chance = summary.get(k.replace("eval/", "eval/chance/", 1), 0.5 if "auroc" in k else None)
+            within = summary.get(k.replace("eval/", "eval/chance_within_class/", 1))
+            note = "" if chance is None else f"   (chance {chance:.4f}" + (
+                "" if within is None else f", within-class chance {within:.4f}") + ")"
+            print(f"  {k:24s} {summary[k]:.4f}{note}")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -67,7 +67,10 @@ class DataConfig:
     """Data: the embedded digits data set (``manifest=None``) or a user manifest (JSONL/CSV)."""
 
     manifest: Optional[str] = None  # training manifest; None = embedded synthetic digits clips
-    eval_manifest: Optional[str] = None  # evaluation manifest (user data); None = first clips of train
+    eval_manifest: Optional[str] = None  # evaluation manifest (user data); None = see eval_split
+    # without eval_manifest: "holdout" = the last min(eval_size, max(4, N/5)) clips of the manifest are
+    # held out of training and evaluated on; "train" = evaluate on the first eval_size training clips
+    eval_split: str = "holdout"
     frames: int = 8
     size: int = 32  # square frame side
     channels: int = 3
@@ -332,6 +335,8 @@ def _validate(cfg: Config) -> None:
     for k in ("frames", "size", "channels", "audio_samples", "sample_rate", "num_narrations", "max_text_len",
               "train_size", "eval_size"):
         _check(getattr(d, k) >= 1, f"data.{k}", f"must be >= 1, got {getattr(d, k)}")
+    _check(d.eval_split in ("holdout", "train"), "data.eval_split",
+           f"must be 'holdout' or 'train', got {d.eval_split!r}")
     _check(0.0 <= d.misaligned_fraction <= 1.0, "data.misaligned_fraction",
            f"must be in [0, 1], got {d.misaligned_fraction}")
     _check(h.method in METHODS, "harmony.method", f"must be one of {', '.join(METHODS)}, got {h.method!r}")

@@ -63,7 +63,7 @@ class RunFolder:
                 if os.path.isdir(folder):
                     for p in remove_stale_tmp(folder):
                         print(f"removed {p} (left by an interrupted write)", flush=True)
-            self.metrics.truncate(step)
+            self.metrics.truncate(step if step else -1)  # a fresh start keeps no old record
             if step == 0 and first_record is not None:
                 self.metrics.append(first_record)
         except OSError as e:

@@ -1,27 +1,38 @@
-"""Embedded tri-modal data: moving handwritten digits, class-specific sounds, narrations.
+"""Embedded tri-modal data: moving handwritten digits, sounds, narrations, linked per instance.
 
 No download: the images are scikit-learn's bundled 8x8 digits (``load_digits``). Clip ``i`` of a
 split is generated on the fly from ``numpy.random.default_rng([seed, split, i])``, so the data set
 is deterministic, costs no memory, and any clip can be re-read.
 
-* video (C, T, S, S): a digit of the clip's class (scaled by ``S // 16``), in a class-tinted colour
-  (one of ten hues, plus per-clip jitter), moving with constant velocity (bouncing at the
-  borders) over a random colour-gradient background with pixel noise; stored as uint8,
-  returned normalised to roughly zero mean / unit scale.
-* audio (L,): a class-specific chord (``(c + 2) * sr / 64`` Hz and its octave, so every 64-sample
-  window holds whole periods; class-specific phases with per-clip jitter) gated by a
-  class-specific pulse rhythm (``2 + c`` pulses per clip), random gain, plus noise.
+Every clip has a class (the digit, 10 values) and three *instance attributes*, drawn per clip and
+shared by the three modalities, so that retrieval can be learned beyond the class
+(``len(COLOURS) * len(SIZES) * len(SPEEDS) = 24`` attribute combinations per class):
 
-The class cues (hue, phase-locked tones) are deliberately easy so that a few CPU minutes
-show learning; the digit shapes and the narrations carry the same class.
-* narrations (P candidates): distinct templates mentioning the digit's name
-  ("here you can see the number seven", ...).
+* class (the digit): video = the digit's shape and a dimmed background tint (an easy cue); audio =
+  a chord at ``(c + 2) * sr / 64`` Hz and its octave; narration = "seven";
+* colour (6): video = the digit's colour; audio = a tone at the odd harmonic ``13 + 2 j`` of
+  ``sr / 64`` (above the chords); narration = "red", "green", ...;
+* size (2): video = digit side ``S/4`` or ``S/2``; audio = a tone at harmonic 29 or 1 of ``sr / 64`` (small
+  sounds high, big low) and gain 0.6 or 0.9; narration = "small", "big";
+* speed (2): video = 0.25 or 3 pixels per frame (at S = 32); audio = 2 or 6 loudness pulses per clip;
+  narration = "slowly", "quickly".
+
+* video (C, T, S, S): the digit (a scikit-learn image of the class, nearest-neighbour resized),
+  coloured, moving in a random direction (bouncing at the borders) over a dim background tinted by
+  the class (a deliberately easy class cue, with a random gradient) with pixel noise; stored as
+  uint8, returned normalised to roughly zero mean / unit scale.
+* audio (L,): the class chord plus the colour and size tones (every 64-sample window holds whole
+  periods; class-, colour- and size-specific phases with per-clip jitter), gated by the speed's
+  pulse rhythm, at the size's gain, plus noise.
+* narrations (P candidates): distinct templates naming size, colour, digit and speed
+  ("a big red seven is moving quickly across the screen", ...).
 
 A ``misaligned_fraction`` of the *train* clips is misaligned: their audio (half of them) or their
-narrations (the other half) come from another class. ``misaligned`` and ``noise_kind``
-(0 aligned, 1 audio, 2 narration) keep the ground truth; ``label`` is the class on screen.
-Train clips draw their digit images from 80% of the scikit-learn images, eval / probe clips from
-the other 20%.
+narrations (the other half) come from another clip: another class *and* independently drawn
+attributes. ``misaligned`` and ``noise_kind`` (0 aligned, 1 audio, 2 narration) keep the ground
+truth; ``label`` is the class on screen, ``attributes`` the (colour, size, speed) indices of the
+video. Train clips draw their digit images from 80% of the scikit-learn images, eval / probe clips
+from the other 20%.
 """
 from __future__ import annotations
 
@@ -33,21 +44,31 @@ import numpy as np
 from .config import DataConfig
 from .data import WordTokenizer
 
-__all__ = ["DigitsAVT", "DIGIT_NAMES", "TEMPLATES"]
+__all__ = ["DigitsAVT", "DIGIT_NAMES", "TEMPLATES", "COLOURS", "SIZES", "SPEEDS"]
 
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+# {s} size, {c} colour, {d} digit, {v} speed; the digit is within the first 8 words of each
 TEMPLATES = (
-    "a {d} is moving across the screen",
-    "here you can see the number {d}",
-    "the digit {d} appears in this video",
-    "watch the {d} slide over the background",
-    "this clip shows a handwritten {d}",
-    "look at this {d} going by",
+    "a {s} {c} {d} is moving {v} across the screen",
+    "here you can see a {s} {c} {d} moving {v}",
+    "the {s} {c} digit {d} moves {v} in this video",
+    "watch the {s} {c} {d} slide {v} over the background",
+    "this clip shows a {s} {c} handwritten {d} moving {v}",
+    "look at this {s} {c} {d} going by {v}",
 )
 SPLITS = {"train": 0, "eval": 1, "probe": 2}
-PALETTE = np.array([[1.0, 0.2, 0.2], [0.2, 1.0, 0.2], [0.3, 0.3, 1.0], [1.0, 1.0, 0.2], [1.0, 0.2, 1.0],
-                    [0.2, 1.0, 1.0], [1.0, 0.6, 0.1], [0.6, 0.3, 1.0], [0.9, 0.9, 0.9], [0.5, 1.0, 0.5]],
-                   dtype=np.float32)  # one hue per class
+COLOURS = ("red", "green", "blue", "yellow", "purple", "cyan")
+PALETTE = np.array([[1.0, 0.15, 0.15], [0.15, 0.9, 0.15], [0.25, 0.35, 1.0], [1.0, 0.95, 0.15],
+                    [0.75, 0.2, 1.0], [0.15, 0.95, 0.95]], dtype=np.float32)  # RGB of COLOURS
+CLASS_TINT = np.array([[1.0, 0.3, 0.3], [0.3, 1.0, 0.3], [0.3, 0.3, 1.0], [1.0, 1.0, 0.3], [1.0, 0.3, 1.0],
+                       [0.3, 1.0, 1.0], [1.0, 0.6, 0.2], [0.6, 0.3, 1.0], [0.8, 0.8, 0.8], [0.5, 1.0, 0.5]],
+                      dtype=np.float32)  # background tint per class (dimmed), an easy class cue
+SIZES = ("small", "big")  # digit side S/4 or S/2; audio: a high or a low tone, gain 0.6 or 0.9
+SPEEDS = ("slowly", "quickly")  # 0.25 or 3 pixels per frame (at S = 32); 2 or 6 audio pulses per clip
+SIZE_GAIN = (0.6, 0.9)
+SIZE_HARMONIC = (29, 1)  # small things sound high, big ones low (harmonics of sr / 64)
+SPEED_PX = (0.25, 3.0)
+SPEED_PULSES = (2, 6)
 CACHE_BYTES = 512 * 2**20  # rendered clips are kept in memory when the split fits in this budget
 
 
@@ -83,7 +104,9 @@ class DigitsAVT:
         self.cfg, self.split, self.seed = cfg, split, seed
         self.size = size if size is not None else (cfg.train_size if split == "train" else cfg.eval_size)
         self.misaligned_fraction = cfg.misaligned_fraction if split == "train" else 0.0
-        self.tokenizer = WordTokenizer.build(t.format(d=d) for t in TEMPLATES for d in DIGIT_NAMES)
+        self.tokenizer = WordTokenizer.build(
+            t.format(s=a, c=b, d=d, v=v) for t in TEMPLATES for d in DIGIT_NAMES for a in SIZES for b in COLOURS
+            for v in SPEEDS)
         self.pools = _pools(split != "train")
         self.skipped: list[str] = []
         clip_bytes = cfg.channels * cfg.frames * cfg.size ** 2 + 4 * cfg.audio_samples
@@ -108,20 +131,23 @@ class DigitsAVT:
     def _render(self, index: int) -> dict[str, Any]:
         """Clip ``index`` with video as uint8 (C, T, S, S) (the compact, cached form)."""
         rng = np.random.default_rng([self.seed, SPLITS[self.split], index])
-        label = int(rng.integers(10))
+        label = int(rng.integers(10))  # the first two draws are replayed by ground_truth()
         noise_kind = 0
         if rng.random() < self.misaligned_fraction:
             noise_kind = 1 + int(rng.integers(2))
         other = (label + 1 + int(rng.integers(9))) % 10
-        audio_cls = other if noise_kind == 1 else label
-        text_cls = other if noise_kind == 2 else label
-        text, mask = self._narrations(rng, text_cls)
+        attrs = _draw_attributes(rng)
+        other_attrs = _draw_attributes(rng)  # the other clip's: misaligned in the attributes too
+        audio_cls, audio_attrs = (other, other_attrs) if noise_kind == 1 else (label, attrs)
+        text_cls, text_attrs = (other, other_attrs) if noise_kind == 2 else (label, attrs)
+        text, mask = self._narrations(rng, text_cls, text_attrs)
         return {
-            "video": self._video(rng, label),
-            "audio": self._audio(rng, audio_cls),
+            "video": self._video(rng, label, attrs),
+            "audio": self._audio(rng, audio_cls, audio_attrs),
             "text": text,
             "text_mask": mask,
             "label": label,
+            "attributes": np.array(attrs, dtype=np.int64),
             "misaligned": int(noise_kind > 0),
             "noise_kind": noise_kind,
             "index": index,
@@ -129,25 +155,27 @@ class DigitsAVT:
 
     # ------------------------------------------------------------------ modalities
 
-    def _video(self, rng: np.random.Generator, cls: int) -> np.ndarray:
-        """uint8 (C, T, S, S): the digit moving over a gradient background."""
+    def _video(self, rng: np.random.Generator, cls: int, attrs: tuple[int, int, int]) -> np.ndarray:
+        """uint8 (C, T, S, S): the coloured digit moving over a gradient background."""
         c, t, s = self.cfg.channels, self.cfg.frames, self.cfg.size
+        colour_i, size_i, speed_i = attrs
         images, _ = _digits()
         pool = self.pools[cls]
         img = images[pool[rng.integers(len(pool))]]
-        scale = max(1, s // 16)
-        img = np.kron(img, np.ones((scale, scale), dtype=np.float32))
-        dh = min(img.shape[0], s)
-        img = img[:dh, :dh]
+        dh = max(2, s // 2) if size_i else max(2, s // 4)
+        grid = np.arange(dh) * img.shape[0] // dh  # nearest-neighbour resize 8x8 -> dh x dh
+        img = img[grid][:, grid]
         yy, xx = np.mgrid[0:s, 0:s].astype(np.float32) / s
-        base = rng.uniform(0.0, 0.4, size=(c, 1, 1)).astype(np.float32)
-        grad = rng.uniform(-0.2, 0.2, size=(c, 2, 1, 1)).astype(np.float32)
+        tint = CLASS_TINT[cls, :c] if c == 3 else np.full(c, 0.3 + 0.05 * cls, dtype=np.float32)
+        base = (0.3 * tint + rng.uniform(-0.05, 0.05, size=c)).astype(np.float32)[:, None, None]
+        grad = rng.uniform(-0.1, 0.1, size=(c, 2, 1, 1)).astype(np.float32)
         bg = base + grad[:, 0] * yy + grad[:, 1] * xx  # (C, S, S)
-        hue = PALETTE[cls % len(PALETTE), :c] if c == 3 else np.full(c, 0.8)
-        colour = np.clip(hue + rng.uniform(-0.15, 0.15, size=c), 0.0, 1.0).astype(np.float32)[:, None, None]
+        hue = PALETTE[colour_i, :c] if c == 3 else np.full(c, 0.5 + 0.1 * colour_i)
+        colour = np.clip(hue + rng.uniform(-0.08, 0.08, size=c), 0.0, 1.0).astype(np.float32)[:, None, None]
         span = s - dh
         pos = rng.uniform(0, span, size=2) if span > 0 else np.zeros(2)
-        vel = rng.uniform(-1.5, 1.5, size=2) * max(1.0, s / 32)
+        angle = rng.uniform(0, 2 * np.pi)
+        vel = SPEED_PX[speed_i] * max(1.0, s / 32) * np.array([np.sin(angle), np.cos(angle)])
         frames = np.empty((c, t, s, s), dtype=np.float32)
         for f in range(t):
             y0, x0 = (int(round(p)) for p in pos)
@@ -158,23 +186,32 @@ class DigitsAVT:
         frames += rng.normal(0.0, 0.05, size=frames.shape).astype(np.float32)
         return (np.clip(frames, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
-    def _audio(self, rng: np.random.Generator, cls: int) -> np.ndarray:
-        """float32 (L,): class chord gated by a class rhythm, plus noise."""
+    def _audio(self, rng: np.random.Generator, cls: int, attrs: tuple[int, int, int]) -> np.ndarray:
+        """float32 (L,): class chord + colour tone, gated by the speed's pulses, at the size's gain, plus noise."""
         n, sr = self.cfg.audio_samples, self.cfg.sample_rate
+        colour_i, size_i, speed_i = attrs
         tt = np.arange(n, dtype=np.float64) / sr
         f0 = (cls + 2) * sr / 64.0
-        ph = 0.6 * cls + rng.uniform(-0.3, 0.3, size=2)
-        tone = np.sin(2 * np.pi * f0 * tt + ph[0]) + 0.6 * np.sin(2 * np.pi * 2.0 * f0 * tt + 2.0 * ph[1])
-        pulses = 2 + cls
+        fc = (13 + 2 * colour_i) * sr / 64.0
+        fs = SIZE_HARMONIC[size_i] * sr / 64.0
+        # phase-locked: class-, colour- and size-specific phases with per-clip jitter (visible to a patch embedding)
+        ph = np.array([0.6 * cls, 1.2 * cls, 1.1 * colour_i, 2.0 * size_i]) + rng.uniform(-0.3, 0.3, size=4)
+        tone = (np.sin(2 * np.pi * f0 * tt + ph[0]) + 0.6 * np.sin(2 * np.pi * 2.0 * f0 * tt + ph[1])
+                + 0.8 * np.sin(2 * np.pi * fc * tt + ph[2]) + 0.6 * np.sin(2 * np.pi * fs * tt + ph[3]))
+        pulses = SPEED_PULSES[speed_i]
         env = 0.5 + 0.5 * np.cos(2 * np.pi * pulses * (np.arange(n) / n) + rng.uniform(0, 2 * np.pi))
-        wave = rng.uniform(0.5, 1.0) * tone * env / 1.6 + rng.normal(0.0, 0.1, size=n)
+        gain = SIZE_GAIN[size_i] * rng.uniform(0.92, 1.08)
+        wave = gain * tone * env / 3.0 + rng.normal(0.0, 0.05, size=n)
         return np.clip(wave, -1.0, 1.0).astype(np.float32)
 
-    def _narrations(self, rng: np.random.Generator, cls: int) -> tuple[np.ndarray, np.ndarray]:
-        """P distinct templates about digit ``cls``: ids (P, S), mask (P,)."""
+    def _narrations(self, rng: np.random.Generator, cls: int,
+                    attrs: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+        """P distinct templates about digit ``cls`` with ``attrs``: ids (P, S), mask (P,)."""
         p = self.cfg.num_narrations
+        colour_i, size_i, speed_i = attrs
+        words = {"s": SIZES[size_i], "c": COLOURS[colour_i], "d": DIGIT_NAMES[cls], "v": SPEEDS[speed_i]}
         order = rng.permutation(len(TEMPLATES))
-        texts = [TEMPLATES[order[i % len(TEMPLATES)]].format(d=DIGIT_NAMES[cls]) for i in range(p)]
+        texts = [TEMPLATES[order[i % len(TEMPLATES)]].format(**words) for i in range(p)]
         return self.tokenizer.encode_many(texts, p, self.cfg.max_text_len)
 
     def ground_truth(self) -> tuple[np.ndarray, np.ndarray]:
@@ -186,6 +223,11 @@ class DigitsAVT:
             labels[i] = rng.integers(10)
             mis[i] = rng.random() < self.misaligned_fraction
         return labels, mis
+
+
+def _draw_attributes(rng: np.random.Generator) -> tuple[int, int, int]:
+    """(colour, size, speed) indices into COLOURS, SIZES, SPEEDS."""
+    return int(rng.integers(len(COLOURS))), int(rng.integers(len(SIZES))), int(rng.integers(len(SPEEDS)))
 
 
 def _bounce(pos: np.ndarray, vel: np.ndarray, span: float) -> tuple[np.ndarray, np.ndarray]:

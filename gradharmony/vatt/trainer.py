@@ -39,7 +39,7 @@ from .checkpoint import apply_resumed_hyperparameters, capture_rng, check_resume
 from .config import Config, ConfigError
 from .data import ClipDataset, DataError, EpochBatchSampler, Subset, load_batch
 from .distributed import DistContext, all_gather_tensor, all_reduce_mean, barrier
-from .evaluate import ScoreTracker, conflict_auroc, conflict_scores, evaluate
+from .evaluate import ScoreTracker, conflict_auroc, conflict_scores, describe_eval_data, evaluate
 from .losses import gather_features, mil_nce_per_sample, nce_per_sample
 from .metering import Meter, StepOutput
 from .model import VATT
@@ -78,6 +78,10 @@ def build_datasets(cfg: Config) -> tuple[ClipDataset, ClipDataset, Optional[Clip
     train = ManifestDataset(d.manifest, d, skip_bad=d.skip_bad)
     if d.eval_manifest is not None:
         ev: ClipDataset = ManifestDataset(d.eval_manifest, d, tokenizer=train.tokenizer, skip_bad=d.skip_bad)
+    elif d.eval_split == "holdout":
+        from .evaluate import holdout_split
+
+        train, ev = holdout_split(train, d.eval_size, cfg.train.batch_size)
     else:
         ev = Subset(train, range(min(d.eval_size, len(train))))
     half = len(ev) // 2
@@ -353,6 +357,8 @@ class Trainer:
             print(f"[gradharmony-pretrain] --skip-bad: {self.skipped} bad clips skipped "
                   f"(first: {self.skipped_reasons[0]})", flush=True)
         self.backend_load_s = self.load_backend()
+        if self.state.step == 0 and t.eval_every:  # the untrained model: a baseline for every curve
+            self.run_eval()
         stop_at = t.steps if t.stop_after is None else min(t.steps, self.state.step + t.stop_after)
         self._stop_at = stop_at
         status = "completed" if stop_at == t.steps else "stopped"
@@ -402,6 +408,8 @@ class Trainer:
     def _log_interval(self) -> None:
         rec = self.meter.record(self.state.step, self.scheduler.get_last_lr()[0], self.sampler.epoch,
                                 self._last_stats_obj)
+        if "train/score_hist" in rec:
+            rec.update(self.tracker.interval_record("train/"))  # cosines split by ground-truth alignment
         self.meter = Meter()
         self.log(rec)
 
@@ -462,6 +470,7 @@ class Trainer:
                                    "backend_load_s": self.backend_load_s,
                                    "data/skipped": self.skipped,
                                    "last_checkpoint": self.state.last_checkpoint}
+        summary["eval_data"] = describe_eval_data(self.cfg, len(self.train_set), len(self.eval_set))
         if status == "completed":
             summary.update(self._final_eval())
             if self.ctx.is_main and self.cfg.train.plots:
@@ -488,7 +497,7 @@ class Trainer:
             "harmony": harmony.state_dict() if harmony is not None else None,
             "rng": capture_rng(),
             "sampler": self.sampler.state_dict(),
-            "tracker": {k: torch.as_tensor(v) for k, v in self.tracker.state_dict().items()},
+            "tracker": self.tracker.state_dict(),
             "meter": asdict(self.meter),
             "world_size": self.ctx.world_size,
         }
@@ -520,7 +529,7 @@ class Trainer:
         if harmony is not None and ck["harmony"] is not None:
             harmony.load_state_dict(ck["harmony"])  # rule state and curriculum
         self.sampler.load_state_dict(ck["sampler"])
-        self.tracker.load_state_dict({k: v.numpy() for k, v in ck["tracker"].items()})
+        self.tracker.load_state_dict(ck["tracker"])
         self.meter = Meter(**ck["meter"])
         self.state = TrainState(**ck["train_state"])
         self.state.last_checkpoint = path

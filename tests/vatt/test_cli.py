@@ -99,7 +99,7 @@ def test_yaml_needs_pyyaml_or_works(tmp_path) -> None:
 
 def test_cli_run_on_a_manifest_then_resume_errors(tmp_path, capsys) -> None:
     data = tmp_path / "data"
-    rows = make_clips(str(data), n=9, bad={8: "missing"})
+    rows = make_clips(str(data), n=13, bad={12: "missing"})  # 12 good: one batch of 8 + 4 held out
     manifest = write_jsonl(str(data), rows)
     out = tmp_path / "run"
     argv = ["--data", manifest, "--skip-bad", "--steps", "2", "--batch-size", "4", "--method", "pcgrad"]
@@ -108,6 +108,7 @@ def test_cli_run_on_a_manifest_then_resume_errors(tmp_path, capsys) -> None:
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "completed" and "eval/v2t_R@1" in summary
     assert "eval/probe_acc" in summary  # labels known: probe on half of the eval clips
+    assert summary["eval_data"].startswith("held out")  # no --eval-data: never-trained-on clips
     # a second fresh run into the same folder is refused, resume of a missing checkpoint too
     assert main(argv) == 2
     assert "already holds checkpoints" in capsys.readouterr().err

@@ -120,13 +120,23 @@ def test_eval_and_plots_are_written(tmp_path) -> None:
     cfg = tiny_config(tmp_path, train__steps=3, train__eval_every=2, train__plots=True)
     summary = Trainer(cfg).fit()
     evals = [r for r in read_metrics(str(tmp_path)) if "eval/v2t_R@1" in r]
-    assert [r["step"] for r in evals] == [2, 3]
+    assert [r["step"] for r in evals] == [0, 2, 3]  # the untrained model too
     for key in ("eval/v2t_R@5", "eval/t2v_median_rank", "eval/v2a_R@10", "eval/a2v_class_R@1", "eval/probe_acc",
-                "eval/auroc_conflict", "eval/auroc_conflict_pass"):
+                "eval/auroc_conflict", "eval/auroc_conflict_pass", "eval/chance/v2t_R@5",
+                "eval/chance_within_class/a2v_R@10", "eval/chance/t2v_class_R@1", "eval/chance/probe_acc"):
         assert key in summary, key
     assert 0.0 <= summary["eval/auroc_conflict"] <= 1.0 and 0.0 <= summary["eval/auroc_conflict_pass"] <= 1.0
     names = sorted(os.path.basename(p) for p in summary["plots"])
-    assert names == ["conflict_hist.png", "kept_fraction.png", "losses.png", "retrieval.png"]
+    assert names == ["conflict_hist.png", "cosine_by_alignment.png", "kept_fraction.png", "losses.png",
+                     "retrieval.png"]
+    assert "embedded eval split" in summary["eval_data"]
+    # per-sample cosines split by ground truth: every training sample of an interval in one of the two
+    logs = [r for r in read_metrics(str(tmp_path)) if "train/score_hist" in r]
+    for r in logs:
+        both = [a + b for a, b in zip(r.get("train/score_hist_aligned", [0] * 20),
+                                      r.get("train/score_hist_misaligned", [0] * 20))]
+        assert both == r["train/score_hist"], r
+    assert any("train/score_hist_misaligned" in r for r in logs)
     assert os.path.exists(os.path.join(str(tmp_path), "summary.json"))
 
 
