@@ -177,8 +177,10 @@ class ScoreTracker:
                 "hist": {k: [int(x) for x in v] for k, v in self.hist.items()}}
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
-        self.score = np.array(sd["score"], dtype=self.score.dtype)
-        self.step = np.array(sd["step"], dtype=self.step.dtype)
+        def arr(v: Any, dtype: Any) -> np.ndarray:
+            return (v.numpy() if isinstance(v, torch.Tensor) else np.asarray(v)).astype(dtype, copy=True)
+
+        self.score, self.step = arr(sd["score"], self.score.dtype), arr(sd["step"], self.step.dtype)
         if "hist" in sd:
             self.hist = {k: [int(x) for x in v] for k, v in sd["hist"].items()}
 

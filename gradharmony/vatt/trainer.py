@@ -65,6 +65,15 @@ class TrainState:
 # ---------------------------------------------------------------------- builders
 
 
+def _check_one_batch(train: ClipDataset, cfg: Config) -> None:
+    """DataError when fewer usable training clips than one batch remain."""
+    if len(train) < cfg.train.batch_size:
+        where = cfg.data.manifest or "the training data"
+        skipped = len(skipped_clips(train))
+        raise DataError(f"{where}: {len(train)} usable clips ({skipped} skipped) is fewer than one batch "
+                        f"(--batch-size {cfg.train.batch_size})")
+
+
 def build_datasets(cfg: Config) -> tuple[ClipDataset, ClipDataset, Optional[ClipDataset]]:
     """(train, eval, probe-train) data sets for the config."""
     d = cfg.data
@@ -81,6 +90,7 @@ def build_datasets(cfg: Config) -> tuple[ClipDataset, ClipDataset, Optional[Clip
     elif d.eval_split == "holdout":
         from .evaluate import holdout_split
 
+        _check_one_batch(train, cfg)  # before the held-out split takes clips away
         train, ev = holdout_split(train, d.eval_size, cfg.train.batch_size)
     else:
         ev = Subset(train, range(min(d.eval_size, len(train))))
@@ -169,11 +179,7 @@ class Trainer:
             torch.set_num_threads(cfg.train.threads)
         self.train_set, self.eval_set, self.probe_set = datasets or build_datasets(cfg)
         t = cfg.train
-        if len(self.train_set) < t.batch_size:
-            where = cfg.data.manifest or "the training data"
-            raise DataError(f"{where}: {len(self.train_set)} usable clips "
-                            f"({len(getattr(self.train_set, 'skipped', ()))} skipped) is fewer than one batch "
-                            f"(--batch-size {t.batch_size})")
+        _check_one_batch(self.train_set, cfg)
         self.skipped_reasons = skipped_clips(self.train_set, self.eval_set, self.probe_set)
         self.skipped = len(self.skipped_reasons)
         self.model = self._build_model()
