@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from .registry import LayerRule, Use, combine_linear, gram_of, linear_gram, per_sample_rows, register
+from .registry import LayerRule, Use, bias_per_sample, combine_linear, gram_of, linear_gram, per_sample_rows, register
 
 
 def patches(x: Tensor, kernel: tuple[int, ...]) -> Tensor:
@@ -43,37 +43,32 @@ class PatchConvRule(LayerRule):
         return (tuple(m.kernel_size) == tuple(m.stride) and all(p == 0 for p in _tuple(m.padding))
                 and all(d == 1 for d in m.dilation) and m.groups == 1 and m.padding_mode == "zeros")
 
-    def _stack(self, module: nn.Module, uses: list[Use], B: int):
-        import torch
-
-        a_parts, b_parts = [], []
+    def prepare(self, module: nn.Module, uses: list[Use], B: int):
+        calls = []
         for u in uses:
             x = u.inputs[0]
             per_sample_rows(x, B, f"{type(module).__name__} {module}")
             p = patches(x, tuple(module.kernel_size))  # (N, L, d_in)
-            a_parts.append(p.reshape(B, -1, p.shape[-1]))
-            gs = [g.flatten(2).transpose(1, 2) for g in u.grads]  # (N, L, d_out)
-            b_parts.append(torch.stack([g.reshape(B, -1, g.shape[-1]) for g in gs], dim=1))
-        a = torch.cat(a_parts, 1) if len(a_parts) > 1 else a_parts[0]
-        b = torch.cat(b_parts, 2) if len(b_parts) > 1 else b_parts[0]
-        return a, b
+            calls.append((p.reshape(B, -1, p.shape[-1]),
+                          [g.flatten(2).transpose(1, 2).reshape(B, -1, g.shape[1]) for g in u.grads]))
+        return calls
 
-    def gram(self, module: nn.Module, uses: list[Use], B: int, K: int) -> Tensor:
-        a, b = self._stack(module, uses, B)
+    def gram(self, module: nn.Module, state, K: int) -> Tensor:
         M = 0
         if module.weight.requires_grad:
-            M = linear_gram(a.to(b.dtype), b, self.mode)
+            M = linear_gram(state, self.mode)
         if module.bias is not None and module.bias.requires_grad:
-            M = M + gram_of(b.sum(2))
+            M = M + gram_of(bias_per_sample(state))
         return M
 
-    def combine(self, module: nn.Module, uses: list[Use], w: Tensor) -> list[Tensor]:
-        a, b = self._stack(module, uses, w.shape[0])
+    def combine(self, module: nn.Module, state, w: Tensor) -> list[Tensor]:
+        import torch
+
         out = []
         if module.weight.requires_grad:
-            out.append(combine_linear(a.to(b.dtype), b, w).view_as(module.weight))
+            out.append(combine_linear(state, w).view_as(module.weight))
         if module.bias is not None and module.bias.requires_grad:
-            out.append((w.to(b.dtype)[:, :, None] * b.sum(2)).sum((0, 1)))
+            out.append(torch.einsum("bk,bkd->d", w.to(state[0][1][0].dtype), bias_per_sample(state)))
         return out
 
 

@@ -22,7 +22,7 @@ class EmbeddingRule(LayerRule):
     def supports(self, module: nn.Module) -> bool:
         return module.max_norm is None and not module.scale_grad_by_freq and not module.sparse
 
-    def _stack(self, module: nn.Embedding, uses: list[Use], B: int) -> tuple[Tensor, Tensor, Tensor]:
+    def prepare(self, module: nn.Embedding, uses: list[Use], B: int) -> tuple[Tensor, Tensor, Tensor]:
         ids_l, b_l = [], []
         for u in uses:
             ids = u.inputs[0]
@@ -34,16 +34,16 @@ class EmbeddingRule(LayerRule):
         valid = torch.ones_like(ids, dtype=torch.bool) if module.padding_idx is None else ids != module.padding_idx
         return ids, valid, b
 
-    def gram(self, module: nn.Module, uses: list[Use], B: int, K: int) -> Tensor:
-        ids, valid, b = self._stack(module, uses, B)
-        _, _, T, d = b.shape
+    def gram(self, module: nn.Module, state, K: int) -> Tensor:
+        ids, valid, b = state
+        B, _, T, d = b.shape
         match = ((ids[:, :, None] == ids[:, None, :]) & valid[:, :, None]).to(b.dtype)  # (B, T, T)
         bf = b.reshape(B, K * T, d)
         bb = (bf @ bf.transpose(1, 2)).view(B, K, T, K, T)
         return torch.einsum("bksln,bsn->bkl", bb, match)
 
-    def combine(self, module: nn.Module, uses: list[Use], w: Tensor) -> list[Tensor]:
-        ids, valid, b = self._stack(module, uses, w.shape[0])
+    def combine(self, module: nn.Module, state, w: Tensor) -> list[Tensor]:
+        ids, valid, b = state
         c = torch.einsum("bk,bktd->btd", w.to(b.dtype), b)
         grad = torch.zeros(module.weight.shape, dtype=b.dtype, device=b.device)
         grad.index_add_(0, ids[valid], c[valid])

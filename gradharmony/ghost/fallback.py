@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-from .registry import Use, gram_of, per_sample_rows
+from .registry import Use, per_sample_rows
 
 
 def own_params(module: nn.Module) -> dict[str, Tensor]:
@@ -43,12 +43,8 @@ def per_sample(module: nn.Module, uses: list[Use], B: int, name: str) -> Tensor:
     return total
 
 
-def gram(module: nn.Module, uses: list[Use], B: int, name: str) -> Tensor:
-    return gram_of(per_sample(module, uses, B, name))
-
-
-def combine(module: nn.Module, uses: list[Use], w: Tensor, name: str) -> list[Tensor]:
-    g = per_sample(module, uses, w.shape[0], name)
+def combine(module: nn.Module, g: Tensor, w: Tensor) -> list[Tensor]:
+    """The module's parameter gradients ``sum_i sum_k w_{k,i} g_{k,i}`` from g (B, K, P_module)."""
     flat = torch.einsum("bk,bkd->d", w.to(g.dtype), g)
     out, off = [], 0
     for p in own_params(module).values():

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .registry import Use, gram_of, per_sample_rows
+from .registry import Use, per_sample_rows
 
 
 def is_free(p: Tensor) -> bool:
@@ -31,10 +31,6 @@ def per_sample(p: Tensor, uses: list[Use], B: int, name: str) -> Tensor:
     return total
 
 
-def gram(p: Tensor, uses: list[Use], B: int, name: str) -> Tensor:
-    return gram_of(per_sample(p, uses, B, name))
-
-
-def combine(p: Tensor, uses: list[Use], w: Tensor, name: str) -> Tensor:
-    g = per_sample(p, uses, w.shape[0], name)
+def combine(p: Tensor, g: Tensor, w: Tensor) -> Tensor:
+    """``sum_i sum_k w_{k,i} g_{k,i}`` shaped as p, from per-sample gradients g (B, K, numel)."""
     return torch.einsum("bk,bkd->d", w.to(g.dtype), g).view(p.shape)

@@ -32,7 +32,7 @@ from ..engine import reference
 from ..engine.core import NONFINITE_POLICIES, NonFiniteGradientError
 from ..rules import ConflictCurriculum, Rule, get_rule
 from . import fallback, free
-from .registry import LayerRule, Use, rule_for
+from .registry import LayerRule, Use, gram_of, rule_for
 
 __all__ = ["ParameterHarmonizer", "gram_to_weights"]
 
@@ -81,20 +81,31 @@ class _Entry:
                  params: list[nn.Parameter]) -> None:
         self.kind, self.name, self.module, self.rule, self.params = kind, name, module, rule, params
         self.uses: list[Use] = []
+        self.state: Any = None
 
-    def gram(self, B: int, K: int) -> Tensor:
+    def prepare(self, B: int) -> None:
+        """Per-layer state from the captured tensors (kept from the Gram to the combination)."""
         if self.kind == "rule":
-            return self.rule.gram(self.module, self.uses, B, K)
-        if self.kind == "fallback":
-            return fallback.gram(self.module, self.uses, B, self.name)
-        return free.gram(self.params[0], self.uses, B, self.name)
+            self.state = self.rule.prepare(self.module, self.uses, B)
+        elif self.kind == "fallback":
+            self.state = fallback.per_sample(self.module, self.uses, B, self.name)
+        else:
+            self.state = free.per_sample(self.params[0], self.uses, B, self.name)
+
+    def gram(self, K: int) -> Tensor:
+        if self.kind == "rule":
+            return self.rule.gram(self.module, self.state, K)
+        return gram_of(self.state)
 
     def combine(self, w: Tensor) -> list[Tensor]:
         if self.kind == "rule":
-            return self.rule.combine(self.module, self.uses, w)
+            return self.rule.combine(self.module, self.state, w)
         if self.kind == "fallback":
-            return fallback.combine(self.module, self.uses, w, self.name)
-        return [free.combine(self.params[0], self.uses, w, self.name)]
+            return fallback.combine(self.module, self.state, w)
+        return [free.combine(self.params[0], self.state, w)]
+
+    def clear(self) -> None:
+        self.uses, self.state = [], None
 
 
 class ParameterHarmonizer:
@@ -313,9 +324,11 @@ class ParameterHarmonizer:
         unseen = [e for e in self._entries if e.kind == "free" and not e.uses]
         unseen_p = [e.params[0] for e in unseen]
         per_loss = []
+        rf = torch.autograd.profiler.record_function
         for k, l in enumerate(scalars):
-            gs = torch.autograd.grad(l, targets + unseen_p, retain_graph=retain_graph or k < K - 1,
-                                     allow_unused=True)
+            with rf("ghost.output_grads"):
+                gs = torch.autograd.grad(l, targets + unseen_p, retain_graph=retain_graph or k < K - 1,
+                                         allow_unused=True)
             for e, g in zip(unseen, gs[len(targets):]):
                 if g is not None:
                     raise ValueError(f"parameter {e.name} reaches loss {k} outside any captured call (it is "
@@ -338,7 +351,11 @@ class ParameterHarmonizer:
         del per_loss, targets
         live = [e for e in live if e.reached]  # type: ignore[attr-defined]
         shared = [e for e in live if len(e.reached) >= 2 or not self.shared_only]  # type: ignore[attr-defined]
-        M = self._gram(shared, B, K)
+        with rf("ghost.prepare"):
+            for e in live:
+                e.prepare(B)
+        with rf("ghost.gram"):
+            M = self._gram(shared, B, K)
         finite = torch.isfinite(M.diagonal(dim1=1, dim2=2)).all(-1)
         if self.nonfinite != "propagate" and not bool(finite.all()):  # the one host sync
             if self.nonfinite == "raise":
@@ -347,6 +364,8 @@ class ParameterHarmonizer:
                     f"the gradients of sample {i} are not finite; pass nonfinite='skip' to drop such samples, "
                     "'zero' to zero the non-finite entries, or 'propagate' (e.g. for torch.amp.GradScaler)")
             self._sanitize(live, B, finite)
+            for e in live:
+                e.prepare(B)
             M = self._gram(shared, B, K)
             if self.nonfinite == "zero":
                 finite = torch.ones_like(finite)
@@ -354,9 +373,17 @@ class ParameterHarmonizer:
         diag_max = M.diagonal(dim1=1, dim2=2).amax(-1)
         scale = torch.where(diag_max > 0, diag_max, torch.ones_like(diag_max))
         M_solve = M / scale[:, None, None] if self.nonfinite != "propagate" else M
-        w, cos, stats = gram_to_weights(M_solve, self.rule, self.curriculum, finite)
+        with rf("ghost.solve"):
+            w, cos, stats = gram_to_weights(M_solve, self.rule, self.curriculum, finite)
         self.last_weights, self.last_stats = w, stats
         grads: list[tuple[nn.Parameter, Tensor]] = []
+        with rf("ghost.combine"):
+            self._combine(live, shared, w, B, K, grads)
+        self._accumulate(grads)
+        self._batch_size = None
+
+    def _combine(self, live: list[_Entry], shared: list[_Entry], w: Tensor, B: int, K: int,
+                 grads: list[tuple[nn.Parameter, Tensor]]) -> None:
         for e in live:
             if e in shared:
                 we = w
@@ -366,14 +393,12 @@ class ParameterHarmonizer:
                 we[:, k] = 1
             for p, g in zip(e.params, e.combine(we)):
                 grads.append((p, g))
-            e.uses = []
-        self._accumulate(grads)
-        self._batch_size = None
+            e.clear()
 
     def _gram(self, shared: list[_Entry], B: int, K: int) -> Tensor:
         M = None
         for e in shared:
-            m = e.gram(B, K)
+            m = e.gram(K)
             M = m if M is None else M + m
         if M is None:
             p = next(iter(self.model.parameters()))

@@ -18,7 +18,8 @@ from .registry import LayerRule, Use, gram_of, per_sample_rows, register
 class LayerNormRule(LayerRule):
     name = "layer_norm"
 
-    def _stack(self, module: nn.LayerNorm, uses: list[Use], B: int) -> tuple[Tensor, Tensor]:
+    def prepare(self, module: nn.LayerNorm, uses: list[Use], B: int) -> list[Tensor]:
+        """Per-sample gradients (B, K, d) of gamma and beta (those that require grad)."""
         D = math.prod(module.normalized_shape)
         xs, bs = [], []
         for u in uses:
@@ -29,21 +30,16 @@ class LayerNormRule(LayerRule):
             bs.append(torch.stack([g.reshape(B, -1, D) for g in u.grads], dim=1))
         xhat = torch.cat(xs, 1) if len(xs) > 1 else xs[0]
         b = torch.cat(bs, 2) if len(bs) > 1 else bs[0]
-        return xhat.to(b.dtype), b
-
-    def _per_sample(self, module: nn.LayerNorm, uses: list[Use], B: int) -> list[Tensor]:
-        xhat, b = self._stack(module, uses, B)
         out = []
         if module.weight is not None and module.weight.requires_grad:
-            out.append(torch.einsum("bktd,btd->bkd", b, xhat))
+            out.append(torch.einsum("bktd,btd->bkd", b, xhat.to(b.dtype)))
         if module.bias is not None and module.bias.requires_grad:
             out.append(b.sum(2))
         return out
 
-    def gram(self, module: nn.Module, uses: list[Use], B: int, K: int) -> Tensor:
-        return sum(gram_of(g) for g in self._per_sample(module, uses, B))
+    def gram(self, module: nn.Module, state, K: int) -> Tensor:
+        return sum(gram_of(g) for g in state)
 
-    def combine(self, module: nn.Module, uses: list[Use], w: Tensor) -> list[Tensor]:
-        gs = self._per_sample(module, uses, w.shape[0])
+    def combine(self, module: nn.Module, state, w: Tensor) -> list[Tensor]:
         shape = module.normalized_shape
-        return [torch.einsum("bk,bkd->d", w.to(g.dtype), g).view(shape) for g in gs]
+        return [torch.einsum("bk,bkd->d", w.to(g.dtype), g).view(shape) for g in state]

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
-from .registry import LayerRule, Use, combine_linear, gram_of, linear_gram, register, stacked_grads
+from .registry import LayerRule, Use, bias_per_sample, combine_linear, gram_of, linear_gram, register, use_views
 
 
 @register(nn.Linear)
@@ -14,21 +15,21 @@ class LinearRule(LayerRule):
     name = "linear"
     mode = "auto"  # "ghost" | "materialize" | "auto" (tests force each)
 
-    def gram(self, module: nn.Module, uses: list[Use], B: int, K: int) -> Tensor:
-        a, b = stacked_grads(uses, B, f"Linear {module}", 1)
+    def prepare(self, module: nn.Module, uses: list[Use], B: int):
+        return use_views(uses, B, f"Linear {module}")
+
+    def gram(self, module: nn.Module, state, K: int) -> Tensor:
         M = 0
         if module.weight.requires_grad:
-            M = linear_gram(a.to(b.dtype), b, self.mode)
+            M = linear_gram(state, self.mode)
         if module.bias is not None and module.bias.requires_grad:
-            M = M + gram_of(b.sum(2))
+            M = M + gram_of(bias_per_sample(state))
         return M
 
-    def combine(self, module: nn.Module, uses: list[Use], w: Tensor) -> list[Tensor]:
-        B = w.shape[0]
-        a, b = stacked_grads(uses, B, f"Linear {module}", 1)
+    def combine(self, module: nn.Module, state, w: Tensor) -> list[Tensor]:
         out = []
         if module.weight.requires_grad:
-            out.append(combine_linear(a.to(b.dtype), b, w))
+            out.append(combine_linear(state, w))
         if module.bias is not None and module.bias.requires_grad:
-            out.append(((w.to(b.dtype)[:, :, None] * b.sum(2)).sum((0, 1))))
+            out.append(torch.einsum("bk,bkd->d", w.to(state[0][1][0].dtype), bias_per_sample(state)))
         return out

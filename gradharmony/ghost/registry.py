@@ -58,10 +58,11 @@ def per_sample_rows(x: Tensor, B: int, what: str) -> int:
 class LayerRule:
     """Base of the per-layer-type rules (see the module docstring).
 
-    ``gram(module, uses, B, K)`` -> (B, K, K); ``combine(module, uses, w)`` -> one
-    gradient per parameter in ``params(module)`` (same order). ``uses`` holds every call of
-    the module in the forward pass with its K output gradients (a zero tensor stands in
-    for a loss that does not reach a call).
+    ``prepare(module, uses, B)`` -> a state (views of the captured tensors where possible,
+    kept from the Gram to the combination); ``gram(module, state, K)`` -> (B, K, K);
+    ``combine(module, state, w)`` -> one gradient per parameter in ``params(module)`` (same
+    order). ``uses`` holds every call of the module in the forward pass with its K output
+    gradients (a zero tensor stands in for a loss that does not reach a call).
     """
 
     name = "layer"
@@ -73,10 +74,13 @@ class LayerRule:
     def params(self, module: nn.Module) -> list[nn.Parameter]:
         return [p for p in module.parameters(recurse=False) if p.requires_grad]
 
-    def gram(self, module: nn.Module, uses: list[Use], B: int, K: int) -> Tensor:
+    def prepare(self, module: nn.Module, uses: list[Use], B: int):
         raise NotImplementedError
 
-    def combine(self, module: nn.Module, uses: list[Use], w: Tensor) -> list[Tensor]:
+    def gram(self, module: nn.Module, state, K: int) -> Tensor:
+        raise NotImplementedError
+
+    def combine(self, module: nn.Module, state, w: Tensor) -> list[Tensor]:
         raise NotImplementedError
 
 
@@ -103,51 +107,64 @@ def rule_for(module: nn.Module) -> Optional[LayerRule]:
     return None
 
 
-def stacked_grads(uses: list[Use], B: int, what: str, trailing: int) -> tuple[Tensor, Tensor]:
-    """Inputs (B, T, d_in) and output gradients (B, K, T, d_out) of all uses, concatenated over T.
+def use_views(uses: list[Use], B: int, what: str) -> list[tuple[Tensor, list[Tensor]]]:
+    """Per call: inputs a (B, T_u, d_in) and K output gradients b^k (B, T_u, d_out).
 
-    ``trailing`` is the number of trailing feature dims of the inputs that are kept as one
-    (1 for Linear: (..., d_in)); the outputs' last dim is d_out.
+    Views of the captured tensors where their layout allows (no copies, no concatenation):
+    a layer called several times (a modality-agnostic backbone) keeps one entry per call.
     """
-    a_parts, b_parts = [], []
+    out = []
     for u in uses:
         a = u.inputs[0]
-        m = per_sample_rows(a, B, what)
-        d_in = a.shape[-1]
-        a_parts.append(a.reshape(B, -1, d_in))
-        b_parts.append(torch.stack([g.reshape(B, -1, g.shape[-1]) for g in u.grads], dim=1))
-        del m
-    a = a_parts[0] if len(a_parts) == 1 else torch.cat(a_parts, dim=1)
-    b = b_parts[0] if len(b_parts) == 1 else torch.cat(b_parts, dim=2)
-    return a, b
+        per_sample_rows(a, B, what)
+        out.append((a.reshape(B, -1, a.shape[-1]), [g.reshape(B, -1, g.shape[-1]) for g in u.grads]))
+    return out
 
 
-def linear_gram(a: Tensor, b: Tensor, mode: str = "auto") -> Tensor:
+def linear_gram(calls: list[tuple[Tensor, list[Tensor]]], mode: str = "auto") -> Tensor:
     """Per-sample Gram (B, K, K) of the weight gradients ``G^k_i = sum_t b^k_{i,t} a_{i,t}^T``.
 
     Args:
-        a: (B, T, d_in) inputs; b: (B, K, T, d_out) output gradients.
+        calls: per call of the layer, inputs a (B, T_u, d_in) and K output gradients
+            b^k (B, T_u, d_out); the tokens of all calls of one sample form its sequence.
         mode: "ghost" (``sum_{t,s} (a_t.a_s)(b^k_t.b^l_s)``, Opacus's ghost-norm identity
-            across losses, cost ~ T^2 (d_in + K^2 d_out)), "materialize" (per-sample
-            gradients (B, K, d_out*d_in) of this layer, cost ~ K T d_in d_out), or "auto"
-            (the cheaper of the two by that count).
+            across losses, cost ~ T^2 (d_in + K(K+1)/2 d_out) per sample), "materialize"
+            (this layer's per-sample gradients (B, K, d_in*d_out), cost ~ K T d_in d_out), or
+            "auto" (the cheaper of the two by that count; T = tokens of all calls).
     """
-    B, K, T, d_out = b.shape
-    d_in = a.shape[-1]
+    a0, b0 = calls[0]
+    K = len(b0)
+    B, _, d_out = b0[0].shape
+    d_in = a0.shape[-1]
+    dt = b0[0].dtype
+    T = sum(a.shape[1] for a, _ in calls)
     if mode == "auto":
         mode = "ghost" if ghost_cost(T, d_in, d_out, K) <= materialize_cost(T, d_in, d_out, K) else "materialize"
     if mode == "ghost":
-        aa = a @ a.transpose(1, 2)  # (B, T, T)
-        bf = b.reshape(B, K * T, d_out)
-        bb = (bf @ bf.transpose(1, 2)).view(B, K, T, K, T)
-        return torch.einsum("bksln,bsn->bkl", bb, aa)
-    G = (b.transpose(2, 3).reshape(B, K * d_out, T) @ a).reshape(B, K, d_out * d_in)
-    return G @ G.transpose(1, 2)
+        M = torch.zeros(B, K, K, dtype=dt, device=b0[0].device)
+        for au, bu in calls:
+            for av, bv in calls:
+                aa = torch.bmm(au.to(dt), av.to(dt).transpose(1, 2))  # (B, T_u, T_v)
+                for k in range(K):
+                    for l in range(k, K):
+                        M[:, k, l] += (torch.bmm(bu[k], bv[l].transpose(1, 2)) * aa).sum((1, 2))
+        iu = torch.triu_indices(K, K, 1)
+        M[:, iu[1], iu[0]] = M[:, iu[0], iu[1]]
+        return M
+    Gs = []
+    for k in range(K):
+        G = None
+        for a, b in calls:
+            part = torch.bmm(a.to(dt).transpose(1, 2), b[k])  # (B, d_in, d_out)
+            G = part if G is None else G.add_(part)
+        Gs.append(G.view(B, -1))
+    G = torch.stack(Gs, dim=1)  # (B, K, d_in*d_out)
+    return torch.bmm(G, G.transpose(1, 2))
 
 
 def ghost_cost(T: int, d_in: int, d_out: int, K: int) -> int:
     """Multiply-adds of the ghost Gram of one sample (see :func:`linear_gram`)."""
-    return T * T * d_in + (K * T) ** 2 * d_out + K * K * T * T
+    return T * T * d_in + K * (K + 1) // 2 * T * T * (d_out + 1)
 
 
 def materialize_cost(T: int, d_in: int, d_out: int, K: int) -> int:
@@ -155,10 +172,30 @@ def materialize_cost(T: int, d_in: int, d_out: int, K: int) -> int:
     return K * T * d_in * d_out + K * K * d_in * d_out
 
 
-def combine_linear(a: Tensor, b: Tensor, w: Tensor) -> Tensor:
-    """``sum_i (sum_k w_{k,i} b^k_i)^T a_i``: (d_out, d_in) from a (B, T, d_in), b (B, K, T, d_out), w (B, K)."""
-    c = torch.einsum("bk,bktd->btd", w.to(b.dtype), b)
-    return c.reshape(-1, c.shape[-1]).T @ a.reshape(-1, a.shape[-1])
+def weighted(b: list[Tensor], w: Tensor) -> Tensor:
+    """``sum_k w_{k,i} b^k_i``: (B, ...) from K tensors (B, ...) and w (B, K)."""
+    w = w.to(b[0].dtype)
+    shape = (-1,) + (1,) * (b[0].ndim - 1)
+    c = b[0] * w[:, 0].view(shape)
+    for k in range(1, len(b)):
+        c = c + b[k] * w[:, k].view(shape)
+    return c
+
+
+def combine_linear(calls: list[tuple[Tensor, list[Tensor]]], w: Tensor) -> Tensor:
+    """``sum_i (sum_k w_{k,i} b^k_i)^T a_i`` over all calls: (d_out, d_in); w (B, K)."""
+    out = None
+    for a, b in calls:
+        c = weighted(b, w)
+        part = c.reshape(-1, c.shape[-1]).T @ a.reshape(-1, a.shape[-1]).to(c.dtype)
+        out = part if out is None else out.add_(part)
+    return out
+
+
+def bias_per_sample(calls: list[tuple[Tensor, list[Tensor]]]) -> Tensor:
+    """(B, K, d_out) per-sample bias gradients ``sum_t b^k_{i,t}`` over all calls."""
+    K = len(calls[0][1])
+    return torch.stack([sum(b[k].sum(1) for _, b in calls) for k in range(K)], dim=1)
 
 
 def gram_of(G: Tensor) -> Tensor:

@@ -147,6 +147,15 @@ def test_vatt_batch_of_one(rule, cur, seed, monkeypatch) -> None:
     run_vatt(1, seed, rule, cur, monkeypatch=monkeypatch)
 
 
+@pytest.mark.parametrize("mode", ["ghost", "materialize"])
+def test_vatt_shared_backbone_each_gram_mode(mode, seed, monkeypatch) -> None:
+    """The shared backbone's layers run three times per step (video, audio, text): the ghost
+    Gram needs the cross-call terms."""
+    monkeypatch.setattr(LinearRule, "mode", mode)
+    monkeypatch.setattr(PatchConvRule, "mode", mode)
+    run_vatt(4, seed, "pcgrad", "soft", monkeypatch=monkeypatch)
+
+
 def test_vatt_specific_backbones_no_droptoken(seed, monkeypatch) -> None:
     run_vatt(4, seed, "pcgrad", None, drop_token=0.0, monkeypatch=monkeypatch, backbone="specific")
 
