@@ -12,7 +12,11 @@ One step:
    computed) give ``b^k``;
 3. per layer, the per-sample Gram contribution ``<G^k_i, G^l_i>`` (ghost identity or
    materialized per layer, whichever costs less; see :mod:`gradharmony.ghost.registry`),
-   summed over the shared layers: M (B, K, K); no (B, P) tensor exists;
+   summed over the shared layers: M (B, K, K). No (B, P) tensor exists: besides the
+   captured activations and their K output gradients (O(K B T d)), a Linear/Conv layer
+   whose per-sample gradients are cheaper to materialize holds them, (B, K, P_layer), only
+   while its Gram is computed; LayerNorm, free parameters and fallback modules keep their
+   small per-sample gradients (B, K, P_module) until the combination;
 4. rule, curriculum and statistics from M, as :func:`gradharmony.harmonize`: w (B, K);
 5. per layer, the combined gradient as one contraction
    ``grad W = sum_i (sum_k w_{k,i} b^k_i)^T a_i``, accumulated into ``p.grad``.
@@ -109,7 +113,7 @@ class _Entry:
 
 
 class ParameterHarmonizer:
-    """Per-sample harmonization of K losses over all shared parameters, at about the cost of a plain step.
+    """Per-sample harmonization of K losses over all shared parameters, without per-sample model gradients.
 
     Decomposition: path (``g_{k,i}`` = the part of ``dL_k/dtheta`` through sample i's own
     forward pass; see the module docstring). The optimizer wrapper's ``granularity="sample"``
