@@ -51,8 +51,8 @@ def gram_to_weights(
 
     The Gram-level pipeline shared with :func:`gradharmony.harmonize` (rule solve, ``skip`` of
     non-finite samples, curriculum weights folded into w, rule state update, statistics), as
-    the optimizer wrapper's per-sample path runs it. This is the one place to call a
-    Gram-level entry point of the API instead, once the API has one.
+    the optimizer wrapper's per-sample path runs it. Swap point: this is the one place to
+    call a Gram-level entry point of the API instead, once the API has one.
 
     Args:
         M: (B, K, K) Gram matrices (rescaled per sample is fine: every rule is scale-invariant).
