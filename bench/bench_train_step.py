@@ -20,7 +20,8 @@ losses (no trainer; zero_grad, forward, losses, backward, Adam step, one host sy
                        loss terms -> (B, K, P) per-sample gradients (term decomposition), then
                        ``harmonize(G, "pcgrad", reduction="sum")``: what a user would write
     ``--memory`` adds each variant's peak resident-memory growth over a step (a fresh process per
-    variant, VmHWM reset after set-up) next to B*P*4 bytes (one float32 per sample and parameter).
+    variant with a fixed glibc mmap threshold, VmHWM reset after a warm-up step) next to B*P*4
+    bytes (one float32 per sample and parameter); ``--memory-only`` skips the timing.
 
 A step = zero_grad, forward, losses, (harmonized) backward, Adam step, LR scheduler step,
 curriculum step, statistics reduction; the data loading is excluded. Reported: median and
@@ -210,7 +211,10 @@ def peak_memory_row(device: torch.device, preset: str, args: argparse.Namespace,
         cmd += ["--batch-size", str(args.batch_size)]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+    # a fixed mmap threshold: glibc otherwise raises it after the first frees and keeps freed
+    # activations in its heap, so the resident set of later steps no longer shows their peak
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600, env=env)
     if proc.returncode != 0:
         return {"variant": name, "error": proc.stderr[-500:]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -258,8 +262,12 @@ def run(device: torch.device, preset: str, args: argparse.Namespace) -> dict[str
     trainers, batches = build_trainers(preset, device, args.batch_size, variants)
     if args.ghost:
         add_loop_variants(trainers, device, list(LOOP_VARIANTS))
-    times = measure(trainers, batches, args.steps, args.warmup, device)
-    rows = summarize(times)
+    if args.memory_only:
+        args.memory = True
+        rows = [{"variant": k, "median_ms": float("nan"), "p20_ms": float("nan"), "p80_ms": float("nan"), "n": 0,
+                 "vs_plain": float("nan")} for k in trainers]
+    else:
+        rows = summarize(measure(trainers, batches, args.steps, args.warmup, device))
     tr0 = next(iter(trainers.values()))
     meta = {"device": device.type, "device_name": device_name(device), "torch": torch.__version__,
             "commit": git_commit(), "preset": preset, "batch_size": tr0.cfg.train.batch_size,
@@ -271,7 +279,8 @@ def run(device: torch.device, preset: str, args: argparse.Namespace) -> dict[str
         mem = {r["variant"]: r for r in (peak_memory_row(device, preset, args, k) for k in trainers)}
         for row in rows:
             row.update({k: v for k, v in mem.get(row["variant"], {}).items() if k != "variant"})
-    stem = os.path.join(args.out, f"train_step_{device.type}" + (f"_ghost_{preset}" if args.ghost else ""))
+    stem = os.path.join(args.out, f"train_step_{device.type}" + (f"_ghost_{preset}" if args.ghost else "")
+                        + ("_memory" if args.memory_only else ""))
     with open(stem + ".json", "w", encoding="utf-8") as f:
         json.dump({"meta": meta, "results": rows}, f, indent=2)
     md = to_markdown(meta, rows)
@@ -299,6 +308,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="parameter-level rows: loop:plain, loop:pcgrad@ghost, loop:pcgrad@vmap (+ plain, pcgrad, "
                         "and pcgrad@param with --parameter-level)")
     p.add_argument("--memory", action="store_true", help="also each variant's peak memory (a process each)")
+    p.add_argument("--memory-only", action="store_true", help="only the peak memory rows (no timing)")
     p.add_argument("--memory-variant", default=None, help=argparse.SUPPRESS)
     p.add_argument("--out", default=os.path.join(ROOT, "bench", "results"))
     args = p.parse_args(argv)
