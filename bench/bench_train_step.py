@@ -261,7 +261,9 @@ def run(device: torch.device, preset: str, args: argparse.Namespace) -> dict[str
         variants = {k: v for k, v in variants.items() if k in ("plain", "pcgrad", "pcgrad@param")}
     trainers, batches = build_trainers(preset, device, args.batch_size, variants)
     if args.ghost:
-        add_loop_variants(trainers, device, list(LOOP_VARIANTS))
+        add_loop_variants(trainers, device, [k for k in LOOP_VARIANTS if k not in args.skip])
+    for k in args.skip:
+        trainers.pop(k, None)
     if args.memory_only:
         args.memory = True
         rows = [{"variant": k, "median_ms": float("nan"), "p20_ms": float("nan"), "p80_ms": float("nan"), "n": 0,
@@ -309,6 +311,8 @@ def main(argv: list[str] | None = None) -> int:
                         "and pcgrad@param with --parameter-level)")
     p.add_argument("--memory", action="store_true", help="also each variant's peak memory (a process each)")
     p.add_argument("--memory-only", action="store_true", help="only the peak memory rows (no timing)")
+    p.add_argument("--skip", default="", type=lambda v: [x for x in v.split(",") if x],
+                   help="comma list of variants to leave out (e.g. the slow loop:pcgrad@vmap on a bigger preset)")
     p.add_argument("--memory-variant", default=None, help=argparse.SUPPRESS)
     p.add_argument("--out", default=os.path.join(ROOT, "bench", "results"))
     args = p.parse_args(argv)
