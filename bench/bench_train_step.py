@@ -11,6 +11,18 @@ that drifts in machine load hit every variant alike):
     gradvac+soft     gradvac with a soft threshold curriculum
     [pcgrad@param]   HarmonizedOptimizer(granularity="sample"), with --parameter-level (slow)
 
+With ``--ghost``, rows of a step written directly against ``gradharmony.vatt``'s model and
+losses (no trainer; zero_grad, forward, losses, backward, Adam step, one host sync on the loss):
+
+    loop:plain         plain backward of the mean loss (the reference of the three rows below)
+    loop:pcgrad@ghost  ParameterHarmonizer (path decomposition, ghost Grams, every parameter)
+    loop:pcgrad@vmap   torch.func.jacrev (vmap of vector-Jacobian products) of the K x B per-sample
+                       loss terms -> (B, K, P) per-sample gradients (term decomposition), then
+                       ``harmonize(G, "pcgrad", reduction="sum")``: what a user would write
+    ``--memory`` adds each variant's peak resident-memory growth over a step (a fresh process per
+    variant with a fixed glibc mmap threshold, VmHWM reset after a warm-up step) next to B*P*4
+    bytes (one float32 per sample and parameter); ``--memory-only`` skips the timing.
+
 A step = zero_grad, forward, losses, (harmonized) backward, Adam step, LR scheduler step,
 curriculum step, statistics reduction; the data loading is excluded. Reported: median and
 20th/80th percentiles in ms, and the ratio of medians to ``plain`` and to ``sum``. CPU runs the
@@ -56,6 +68,72 @@ VARIANTS: dict[str, dict[str, Any]] = {
                      "harmony.curriculum_mode": "soft"},
 }
 PARAM_VARIANT = {"harmony.method": "pcgrad", "harmony.curriculum": "off", "harmony.level": "parameter"}
+
+
+class LoopVariant:
+    """A training step on ``gradharmony.vatt``'s model and losses, without the trainer."""
+
+    def __init__(self, cfg: Any, vocab: int, kind: str, device: torch.device) -> None:
+        import gradharmony as gh
+        from gradharmony.vatt.model import VATT
+
+        torch.manual_seed(cfg.train.seed)  # the trainers' initial weights
+        self.model = VATT(cfg, vocab).to(device)
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.train.lr)
+        self.kind, self.tau = kind, cfg.model.temperature
+        self.ph = gh.ParameterHarmonizer(self.model, "pcgrad", optimizer=self.opt) if kind == "ghost" else None
+
+    def losses(self, out: dict[str, torch.Tensor], mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        from gradharmony.vatt.losses import mil_nce_per_sample, nce_per_sample
+
+        return (nce_per_sample(out["z_v_va"], out["z_a_va"], temperature=self.tau),
+                mil_nce_per_sample(out["z_v_vt"], out["z_t_vt"], mask, temperature=self.tau))
+
+    def train_step(self, batch: dict[str, torch.Tensor]) -> float:
+        self.model.train()
+        self.opt.zero_grad(set_to_none=True)
+        B = batch["video"].shape[0]
+        if self.kind == "plain":
+            l_va, l_vt = self.losses(self.model(batch), batch["text_mask"])
+            loss = 0.5 * (l_va.mean() + l_vt.mean())
+            loss.backward()
+        elif self.kind == "ghost":
+            assert self.ph is not None
+            with self.ph.capture(batch_size=B):
+                out = self.model(batch)
+            l_va, l_vt = self.losses(out, batch["text_mask"])
+            loss = 0.5 * (l_va.mean() + l_vt.mean())
+            self.ph.backward([0.5 * l_va.mean(), 0.5 * l_vt.mean()])
+        else:
+            loss = self._vmap_step(batch, B)
+        self.opt.step()
+        return float(loss.detach())
+
+    def _vmap_step(self, batch: dict[str, torch.Tensor], B: int) -> torch.Tensor:
+        import gradharmony as gh
+        from torch.func import functional_call, jacrev
+
+        names = [n for n, p in self.model.named_parameters() if p.requires_grad]
+        params = {n: p.detach() for n, p in self.model.named_parameters() if p.requires_grad}
+        box: dict[str, torch.Tensor] = {}
+
+        def terms(p: dict[str, torch.Tensor]) -> torch.Tensor:
+            l_va, l_vt = self.losses(functional_call(self.model, p, (batch,)), batch["text_mask"])
+            box["loss"] = (0.5 * (l_va.mean() + l_vt.mean())).detach()
+            return torch.stack([0.5 * l_va / B, 0.5 * l_vt / B])  # (K, B) loss terms
+
+        J = jacrev(terms)(params)  # name -> (K, B, *shape)
+        G = torch.cat([J[n].reshape(2, B, -1) for n in names], dim=2).transpose(0, 1)  # (B, K, P)
+        flat = gh.harmonize(G, "pcgrad", reduction="sum").grad
+        off = 0
+        for n, p in self.model.named_parameters():
+            if n in params:
+                p.grad = flat[off:off + p.numel()].view_as(p).clone()
+                off += p.numel()
+        return box["loss"]
+
+
+LOOP_VARIANTS = {"loop:plain": "plain", "loop:pcgrad@ghost": "ghost", "loop:pcgrad@vmap": "vmap"}
 
 
 def build_trainers(preset: str, device: torch.device, batch_size: int | None,
@@ -115,13 +193,83 @@ def to_markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def add_loop_variants(trainers: dict[str, Any], device: torch.device, names: list[str]) -> None:
+    """Loop variants (see the module docstring) on the config and vocabulary of the first trainer."""
+    tr0 = next(iter(trainers.values()))
+    vocab = len(tr0.train_set.tokenizer)
+    for name in names:
+        trainers[name] = LoopVariant(tr0.cfg, vocab, LOOP_VARIANTS[name], device)
+
+
+def peak_memory_row(device: torch.device, preset: str, args: argparse.Namespace, name: str) -> dict[str, Any]:
+    """Peak resident-memory growth of one step of variant ``name`` in a fresh process (CPU, Linux)."""
+    import subprocess
+
+    cmd = [sys.executable, os.path.abspath(__file__), "--memory-variant", name, "--devices", device.type,
+           "--cpu-preset", preset, "--gpu-preset", preset]
+    if args.batch_size:
+        cmd += ["--batch-size", str(args.batch_size)]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    # a fixed mmap threshold: glibc otherwise raises it after the first frees and keeps freed
+    # activations in its heap, so the resident set of later steps no longer shows their peak
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600, env=env)
+    if proc.returncode != 0:
+        return {"variant": name, "error": proc.stderr[-500:]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _vm_kib(key: str) -> int:
+    with open("/proc/self/status", encoding="utf-8") as f:
+        for ln in f:
+            if ln.startswith(key + ":"):
+                return int(ln.split()[1])
+    raise RuntimeError(f"{key} not in /proc/self/status")
+
+
+def measure_memory_here(device: torch.device, preset: str, args: argparse.Namespace, name: str) -> None:
+    """Child of :func:`peak_memory_row`: build, one warm-up step, reset VmHWM, two steps, print JSON."""
+    import gc
+
+    spec = {**VARIANTS, "pcgrad@param": PARAM_VARIANT}
+    trainers, batches = build_trainers(preset, device, args.batch_size,
+                                       {"plain": VARIANTS["plain"]} if name in LOOP_VARIANTS else {name: spec[name]})
+    if name in LOOP_VARIANTS:
+        add_loop_variants(trainers, device, [name])
+    tr = trainers[name]
+    tr.train_step(batches[0])
+    gc.collect()
+    with open("/proc/self/clear_refs", "w", encoding="utf-8") as f:
+        f.write("5")  # reset the peak resident set size (VmHWM) to the current one
+    base = _vm_kib("VmRSS")
+    for b in batches[1:3]:
+        tr.train_step(b)
+    peak = _vm_kib("VmHWM")
+    model = tr.model if isinstance(tr, LoopVariant) else tr.raw_model
+    P = sum(p.numel() for p in model.parameters())
+    B = batches[0]["video"].shape[0]
+    print(json.dumps({"variant": name, "step_peak_mib": (peak - base) / 1024, "B": B, "P": P,
+                      "BP_float32_mib": B * P * 4 / 2**20}))
+
+
 def run(device: torch.device, preset: str, args: argparse.Namespace) -> dict[str, Any]:
     variants = dict(VARIANTS)
     if args.parameter_level:
         variants["pcgrad@param"] = PARAM_VARIANT
+    if args.ghost:  # the comparison the parameter-level rows need, without the six feature rows
+        variants = {k: v for k, v in variants.items() if k in ("plain", "pcgrad", "pcgrad@param")}
     trainers, batches = build_trainers(preset, device, args.batch_size, variants)
-    times = measure(trainers, batches, args.steps, args.warmup, device)
-    rows = summarize(times)
+    if args.ghost:
+        add_loop_variants(trainers, device, [k for k in LOOP_VARIANTS if k not in args.skip])
+    for k in args.skip:
+        trainers.pop(k, None)
+    if args.memory_only:
+        args.memory = True
+        rows = [{"variant": k, "median_ms": float("nan"), "p20_ms": float("nan"), "p80_ms": float("nan"), "n": 0,
+                 "vs_plain": float("nan")} for k in trainers]
+    else:
+        rows = summarize(measure(trainers, batches, args.steps, args.warmup, device))
     tr0 = next(iter(trainers.values()))
     meta = {"device": device.type, "device_name": device_name(device), "torch": torch.__version__,
             "commit": git_commit(), "preset": preset, "batch_size": tr0.cfg.train.batch_size,
@@ -129,10 +277,19 @@ def run(device: torch.device, preset: str, args: argparse.Namespace) -> dict[str
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "backend": tr0.cfg.harmony.backend}
     os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"train_step_{device.type}")
+    if args.memory:
+        mem = {r["variant"]: r for r in (peak_memory_row(device, preset, args, k) for k in trainers)}
+        for row in rows:
+            row.update({k: v for k, v in mem.get(row["variant"], {}).items() if k != "variant"})
+    stem = os.path.join(args.out, f"train_step_{device.type}" + (f"_ghost_{preset}" if args.ghost else "")
+                        + ("_memory" if args.memory_only else ""))
     with open(stem + ".json", "w", encoding="utf-8") as f:
         json.dump({"meta": meta, "results": rows}, f, indent=2)
     md = to_markdown(meta, rows)
+    if args.memory:
+        md += "\n| variant | step peak RSS growth MiB | B*P float32 MiB |\n|---|---|---|\n" + "\n".join(
+            f"| {r['variant']} | {r.get('step_peak_mib', float('nan')):.1f} | {r.get('BP_float32_mib', float('nan')):.1f} |"
+            for r in rows) + "\n"
     with open(stem + ".md", "w", encoding="utf-8") as f:
         f.write(md)
     print(md)
@@ -149,10 +306,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--parameter-level", action="store_true", help="also time parameter-level pcgrad")
+    p.add_argument("--ghost", action="store_true",
+                   help="parameter-level rows: loop:plain, loop:pcgrad@ghost, loop:pcgrad@vmap (+ plain, pcgrad, "
+                        "and pcgrad@param with --parameter-level)")
+    p.add_argument("--memory", action="store_true", help="also each variant's peak memory (a process each)")
+    p.add_argument("--memory-only", action="store_true", help="only the peak memory rows (no timing)")
+    p.add_argument("--skip", default="", type=lambda v: [x for x in v.split(",") if x],
+                   help="comma list of variants to leave out (e.g. the slow loop:pcgrad@vmap on a bigger preset)")
+    p.add_argument("--memory-variant", default=None, help=argparse.SUPPRESS)
     p.add_argument("--out", default=os.path.join(ROOT, "bench", "results"))
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.memory_variant:
+        dev = torch.device(args.devices if args.devices != "auto" else "cpu")
+        measure_memory_here(dev, args.cpu_preset if dev.type == "cpu" else args.gpu_preset, args, args.memory_variant)
+        return 0
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else []) if args.devices == "auto" \
         else args.devices.split(",")
     for dev in devices:

@@ -14,6 +14,7 @@ from .api import (
     harmonize,
 )
 from .engine import NonFiniteGradientError, available_backends
+from .ghost import ParameterHarmonizer
 from .rules import MGDA, CAGrad, ConflictCurriculum, GradVac, PCGrad, Rule, Sum, conflict_score, get_rule
 
 __version__ = "0.1.0"
@@ -23,4 +24,5 @@ __all__ = [
     "ConflictCurriculum", "ConflictStats", "conflict_stats", "conflict_score",
     "Rule", "Sum", "PCGrad", "GradVac", "CAGrad", "MGDA", "get_rule",
     "available_backends", "NonFiniteGradientError", "__version__",
+    "ParameterHarmonizer",
 ]

@@ -1,0 +1,78 @@
+"""Patch tokenizers: nn.Conv1d/2d/3d with kernel == stride (no padding, dilation 1, groups 1).
+
+Such a convolution is a linear map applied to non-overlapping patches: the input is cut
+into patches (N, L, C * prod(kernel)) (a trailing remainder that the convolution ignores is
+cropped) and the Linear rule applies with d_in = C * prod(kernel), d_out = out_channels.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from .registry import LayerRule, Use, bias_per_sample, combine_linear, gram_of, linear_gram, per_sample_rows, register
+
+
+def patches(x: Tensor, kernel: tuple[int, ...]) -> Tensor:
+    """(N, C, *spatial) -> (N, L, C * prod(kernel)), patches in the convolution's output order."""
+    n, c = x.shape[:2]
+    dims = len(kernel)
+    grid = [s // k for s, k in zip(x.shape[2:], kernel)]
+    x = x[(slice(None), slice(None)) + tuple(slice(0, g * k) for g, k in zip(grid, kernel))]
+    shape = [n, c]
+    for g, k in zip(grid, kernel):
+        shape += [g, k]
+    x = x.reshape(shape)
+    # (N, C, g1, k1, g2, k2, ...) -> (N, g1, g2, ..., C, k1, k2, ...)
+    perm = [0] + [2 + 2 * i for i in range(dims)] + [1] + [3 + 2 * i for i in range(dims)]
+    x = x.permute(perm)
+    L = 1
+    for g in grid:
+        L *= g
+    return x.reshape(n, L, -1)
+
+
+@register(nn.Conv1d, nn.Conv2d, nn.Conv3d)
+class PatchConvRule(LayerRule):
+    """Convolution with kernel_size == stride, padding 0, dilation 1, groups 1, zeros padding mode."""
+
+    name = "patch_conv"
+    mode = "auto"
+
+    def supports(self, module: nn.Module) -> bool:
+        m = module
+        return (tuple(m.kernel_size) == tuple(m.stride) and all(p == 0 for p in _tuple(m.padding))
+                and all(d == 1 for d in m.dilation) and m.groups == 1 and m.padding_mode == "zeros")
+
+    def prepare(self, module: nn.Module, uses: list[Use], B: int):
+        calls = []
+        for u in uses:
+            x = u.inputs[0]
+            per_sample_rows(x, B, f"{type(module).__name__} {module}")
+            p = patches(x, tuple(module.kernel_size))  # (N, L, d_in)
+            calls.append((p.reshape(B, -1, p.shape[-1]),
+                          [g.flatten(2).transpose(1, 2).reshape(B, -1, g.shape[1]) for g in u.grads]))
+        return calls
+
+    def gram(self, module: nn.Module, state, K: int) -> Tensor:
+        M = 0
+        if module.weight.requires_grad:
+            M = linear_gram(state, self.mode)
+        if module.bias is not None and module.bias.requires_grad:
+            M = M + gram_of(bias_per_sample(state))
+        return M
+
+    def combine(self, module: nn.Module, state, w: Tensor) -> list[Tensor]:
+        import torch
+
+        out = []
+        if module.weight.requires_grad:
+            out.append(combine_linear(state, w).view_as(module.weight))
+        if module.bias is not None and module.bias.requires_grad:
+            out.append(torch.einsum("bk,bkd->d", w.to(state[0][1][0].dtype), bias_per_sample(state)))
+        return out
+
+
+def _tuple(p) -> tuple:
+    if isinstance(p, str):  # "valid" is padding 0; "same" is not a patch map
+        return (0,) if p == "valid" else (1,)
+    return tuple(p)
