@@ -58,16 +58,16 @@ def _benchmark(full: bool = False) -> None:
             for method in methods:
                 tgt = target if method == 2 else None
                 for reduction in ("none", "sum"):
-                    ref_ms = _bench_ms(lambda: reference.fused(G, method, order, tgt, None, reduction), reps=5, inner=2)[0]
-                    ref = reference.fused(G, method, order, tgt, None, reduction)
+                    ref_ms = _bench_ms(lambda: reference.fused(G, method, order, tgt, reduction), reps=5, inner=2)[0]
+                    ref = reference.fused(G, method, order, tgt, reduction)
                     paths = ["auto"] + (["small", "large"] if full and K * D * G.element_size() <= 1 << 16 else [])
                     for path in paths:
                         # checked against the reference before timing: out (relative) and cosines
-                        o = fused_forward(G, method, order, tgt, None, reduction, path)
+                        o = fused_forward(G, method, order, tgt, reduction, path)
                         err = max(float((o[0].float() - ref[0].float()).abs().max()
                                         / ref[0].float().abs().max().clamp_min(1e-30)),
                                   float((o[2].float() - ref[2].float()).abs().max()))
-                        med, p20, p80 = _bench_ms(lambda: fused_forward(G, method, order, tgt, None, reduction, path))
+                        med, p20, p80 = _bench_ms(lambda: fused_forward(G, method, order, tgt, reduction, path))
                         print(
                             f"{B}x{K}x{D}, {str(dtype)[6:]}, {method}, {reduction}, {path}, "
                             f"{med:.4f}, {p20:.4f}, {p80:.4f}, {ref_ms:.4f}, {med / copy_ms:.2f}, {err:.1e}",

@@ -1,8 +1,8 @@
 """Triton kernels of the harmonization engine: Gram -> per-sample solve -> combine.
 
-Same semantics as :mod:`gradharmony.engine.reference` (``gram``, ``combine``, ``fused``);
-the layout follows Liger-Kernel: ``_x_kernel`` (``triton.jit``) -> ``x_forward``
-launchers -> :class:`TritonBackend`.
+Same semantics as :mod:`gradharmony.engine.reference` (``gram``, ``combine``, gram +
+``solve``, ``fused``); the layout follows Liger-Kernel: ``_x_kernel`` (``triton.jit``) ->
+``x_forward`` launchers (the engine's adapter is ``gradharmony.engine.backend_triton``).
 
 Two paths (DESIGN.md, "Gram -> coefficients -> combine"):
 
@@ -18,7 +18,8 @@ Two paths (DESIGN.md, "Gram -> coefficients -> combine"):
 - large inputs: two streaming passes. :func:`_gram_kernel` over a (sample, D-chunk)
   grid writes partial Gram matrices (B, NC, K, K) (no atomics: deterministic);
   :func:`_solve_kernel` (grid B) sums them in a fixed order and runs the solve, writing
-  M, cos, w, phi; :func:`_combine_kernel` streams G once more: (sample, D-chunk)
+  M, cos, w, phi (these two passes alone are :func:`solve_forward`);
+  :func:`_combine_kernel` streams G once more: (sample, D-chunk)
   programs for ``reduction="none"``; for ``"sum"``, D-tile programs that loop over the
   samples and write their tile once (split into sample groups with float32 partials
   summed by torch only when D has too few tiles to fill the GPU).
@@ -30,16 +31,17 @@ compiler move every tile through shared memory (checked in the PTX for sm_90).
 All accumulation is float32 (inputs float32 / float16 / bfloat16); divisions and square
 roots of the solve are IEEE-rounded (``div_rn`` / ``sqrt_rn``) like PyTorch's.
 
-Shapes: ``G: (B, K, D)`` contiguous, ``K <= 8``; ``M, cos, phi: (B, K, K)`` float32;
+Shapes: ``G: (B, K, D)`` contiguous, ``K <= MAX_K`` (8); ``M, cos, phi: (B, K, K)`` float32;
 ``w: (B, K)`` float32; ``out: (B, D)`` or ``(D,)`` in G's dtype.
 
 Example (CPU, under the interpreter)::
 
     import os; os.environ["TRITON_INTERPRET"] = "1"
     import torch
-    from gradharmony.kernels.triton_harmonize import TritonBackend
+    from gradharmony.kernels.triton_harmonize import fused_forward, solve_forward
     G = torch.randn(4, 2, 100)
-    out, M, cos, w, phi = TritonBackend().fused(G, 1, None, None, None, "none")
+    out, M, cos, w, phi = fused_forward(G, 1, None, None, "none")
+    M, cos, w, phi = solve_forward(G, 1)
 """
 
 from __future__ import annotations
@@ -50,6 +52,8 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+
+from .spec import FUSED_MAX_K, METHOD_IDS, REDUCTION_IDS
 
 try:  # the module must import (and say why it cannot run) without triton
     import triton
@@ -62,8 +66,8 @@ except Exception as exc:  # pragma: no cover - exercised only without triton
     _TRITON_ERROR = f"{type(exc).__name__}: {exc}"
 
 __all__ = [
-    "TritonBackend",
     "gram_forward",
+    "solve_forward",
     "combine_forward",
     "fused_forward",
     "SUPPORTED_DTYPES",
@@ -74,7 +78,7 @@ __all__ = [
 #: Input dtypes the kernels take (float64 falls back to another backend).
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 #: Largest number of losses K per sample.
-MAX_K = 8
+MAX_K = FUSED_MAX_K
 #: One-launch path when one sample's K rows take at most this many bytes
 #: (env ``GRADHARMONY_TRITON_SMALL_BYTES``; 64 KiB: 1024 x 2 x 4096 float32 is "small").
 SMALL_BYTES = int(os.environ.get("GRADHARMONY_TRITON_SMALL_BYTES", 64 * 1024))
@@ -113,16 +117,14 @@ if triton is not None:
         b,
         order_ptr,
         target_ptr,
-        sw_ptr,
         K: tl.constexpr,
         KP: tl.constexpr,
         METHOD: tl.constexpr,
         HAS_ORDER: tl.constexpr,
-        HAS_SW: tl.constexpr,
     ):
-        """Sample b's visiting order (KP, KP) int32, the targets (KP, KP) float32 and its
-        sample weight: loaded once, up front (issued before the Gram loads, their latency
-        overlaps), instead of one dependent scalar load per visit."""
+        """Sample b's visiting order (KP, KP) int32 and the targets (KP, KP) float32: loaded
+        once, up front (issued before the Gram loads, their latency overlaps), instead of
+        one dependent scalar load per visit."""
         rk = tl.arange(0, KP)
         rows = rk[:, None]
         cols = rk[None, :]
@@ -133,10 +135,7 @@ if triton is not None:
         tgtm = tl.zeros([KP, KP], dtype=tl.float32)
         if METHOD == 2:
             tgtm = tl.load(target_ptr + rows * K + cols, mask=kk, other=0.0)
-        swv = tl.full([], 1.0, tl.float32)
-        if HAS_SW:
-            swv = tl.load(sw_ptr + b).to(tl.float32)
-        return ordm, tgtm, swv
+        return ordm, tgtm
 
     @triton.jit
     def _solve_sample(
@@ -148,18 +147,16 @@ if triton is not None:
         phi_ptr,
         ordm,
         tgtm,
-        swv,
         K: tl.constexpr,
         KP: tl.constexpr,
         METHOD: tl.constexpr,
         HAS_ORDER: tl.constexpr,
-        HAS_SW: tl.constexpr,
     ):
         """Per-sample solve on the (KP, KP) float32 Gram matrix ``M`` (zero padded), with
-        the order / targets / sample weight of :func:`_solve_inputs`.
+        the order / targets of :func:`_solve_inputs`.
 
-        Stores M, cos (B, K, K), phi (gradvac) and returns w (KP,) float32 (sample
-        weight folded in, zero in the padding).
+        Stores M, cos (B, K, K), phi (gradvac) and returns w (KP,) float32 (zero in the
+        padding).
         """
         rk = tl.arange(0, KP)
         rows = rk[:, None]
@@ -222,8 +219,6 @@ if triton is not None:
                     phi_row = tl.where(sel & valid, phi, phi_row)
                 tl.store(phi_ptr + b64 * K * K + i * K + rk, phi_row, mask=rk < K)
                 w = w + ci
-        if HAS_SW:
-            w = w * swv
         if METHOD >= 0:
             tl.store(w_ptr + b64 * K + rk, w, mask=rk < K)
         return w
@@ -238,7 +233,6 @@ if triton is not None:
         phi_ptr,
         order_ptr,
         target_ptr,
-        sw_ptr,
         B,
         D,
         K: tl.constexpr,
@@ -247,7 +241,6 @@ if triton is not None:
         ONE_TILE: tl.constexpr,
         METHOD: tl.constexpr,
         HAS_ORDER: tl.constexpr,
-        HAS_SW: tl.constexpr,
         ATOMIC_SUM: tl.constexpr,
         SPP: tl.constexpr,
     ):
@@ -269,14 +262,12 @@ if triton is not None:
                 bi = b * SPP + i
                 if bi < B:
                     bi64 = bi.to(tl.int64)
-                    ordm, tgtm, swv = _solve_inputs(
-                        bi, order_ptr, target_ptr, sw_ptr, K, KP, METHOD, HAS_ORDER, HAS_SW
-                    )
+                    ordm, tgtm = _solve_inputs(bi, order_ptr, target_ptr, K, KP, METHOD, HAS_ORDER)
                     ga = tl.load(G_ptr + bi64 * K * D + roff3, mask=mask3, other=0.0).to(tl.float32)
                     M = tl.sum(_tile_gram(ga), axis=2)
                     w = _solve_sample(
-                        M, bi, M_ptr, cos_ptr, w_ptr, phi_ptr, ordm, tgtm, swv,
-                        K, KP, METHOD, HAS_ORDER, HAS_SW,
+                        M, bi, M_ptr, cos_ptr, w_ptr, phi_ptr, ordm, tgtm,
+                        K, KP, METHOD, HAS_ORDER,
                     )
                     o = tl.sum(tl.sum(w[:, None, None] * ga, axis=0), axis=0)
                     if ATOMIC_SUM:
@@ -293,7 +284,7 @@ if triton is not None:
                 o_base = out_ptr
             else:
                 o_base = out_ptr + b64 * D
-            ordm, tgtm, swv = _solve_inputs(b, order_ptr, target_ptr, sw_ptr, K, KP, METHOD, HAS_ORDER, HAS_SW)
+            ordm, tgtm = _solve_inputs(b, order_ptr, target_ptr, K, KP, METHOD, HAS_ORDER)
             acc = tl.zeros([KP, KP, BLOCK_D], dtype=tl.float32)
             for d0 in range(0, D, BLOCK_D):
                 offs3 = d0 + rd[None, None, :]
@@ -301,8 +292,8 @@ if triton is not None:
                 acc += _tile_gram(ga.to(tl.float32))
             M = tl.sum(acc, axis=2)
             w = _solve_sample(
-                M, b, M_ptr, cos_ptr, w_ptr, phi_ptr, ordm, tgtm, swv,
-                K, KP, METHOD, HAS_ORDER, HAS_SW,
+                M, b, M_ptr, cos_ptr, w_ptr, phi_ptr, ordm, tgtm,
+                K, KP, METHOD, HAS_ORDER,
             )
             for d0 in range(0, D, BLOCK_D):
                 offs = d0 + rd
@@ -358,13 +349,11 @@ if triton is not None:
         phi_ptr,
         order_ptr,
         target_ptr,
-        sw_ptr,
         NC,
         K: tl.constexpr,
         KP: tl.constexpr,
         METHOD: tl.constexpr,
         HAS_ORDER: tl.constexpr,
-        HAS_SW: tl.constexpr,
         CB: tl.constexpr,
     ):
         """Program b: M_b = sum_c part[b, c] (fixed order), then the solve (METHOD -1:
@@ -376,14 +365,14 @@ if triton is not None:
         cols = rk[None, None, :]
         kk = (rows < K) & (cols < K)
         base = part_ptr + b.to(tl.int64) * NC * K * K + rows * K + cols
-        ordm, tgtm, swv = _solve_inputs(b, order_ptr, target_ptr, sw_ptr, K, KP, METHOD, HAS_ORDER, HAS_SW)
+        ordm, tgtm = _solve_inputs(b, order_ptr, target_ptr, K, KP, METHOD, HAS_ORDER)
         acc = tl.zeros([CB, KP, KP], dtype=tl.float32)
         for c0 in range(0, NC, CB):  # CB partials per load, summed in a fixed order
             acc += tl.load(base + (c0 + rc) * (K * K), mask=kk & (c0 + rc < NC), other=0.0)
         M = tl.sum(acc, axis=0)
         _solve_sample(
-            M, b, M_ptr, cos_ptr, w_ptr, phi_ptr, ordm, tgtm, swv,
-            K, KP, METHOD, HAS_ORDER, HAS_SW,
+            M, b, M_ptr, cos_ptr, w_ptr, phi_ptr, ordm, tgtm,
+            K, KP, METHOD, HAS_ORDER,
         )
 
     @triton.jit
@@ -577,8 +566,8 @@ def gram_forward(G: Tensor) -> Tensor:
         return part.view(B, K, K)
     M = torch.empty(B, K, K, dtype=torch.float32, device=G.device)
     _solve_kernel[(B,)](
-        part, M, M, M, M, M, M, M, NC,
-        K=K, KP=KP, METHOD=_METHOD_NONE, HAS_ORDER=False, HAS_SW=False, CB=_CB, num_warps=1,
+        part, M, M, M, M, M, M, NC,
+        K=K, KP=KP, METHOD=_METHOD_NONE, HAS_ORDER=False, CB=_CB, num_warps=1,
     )
     return M
 
@@ -644,24 +633,99 @@ def _path(G: Tensor, path: str) -> str:
     return "small" if K * D * G.element_size() <= SMALL_BYTES else "large"
 
 
+def _solve_args(G: Tensor, method: int, order: Optional[Tensor], target: Optional[Tensor]):
+    """Checked, converted solve inputs and fresh outputs: ``(order, target, M, cos, w, phi)``
+    (``order`` None without one, ``phi`` None unless method 2)."""
+    _check_G(G)
+    if method not in METHOD_IDS.values():
+        raise ValueError(f"unknown method id {method!r}; expected one of {sorted(METHOD_IDS.values())}")
+    B, K, D = G.shape
+    f32 = dict(dtype=torch.float32, device=G.device)
+    if method == 2:
+        if target is None:
+            raise ValueError("gradvac needs a (K, K) target matrix")
+        if tuple(target.shape) != (K, K):
+            raise ValueError(f"target must be (K, K) = {(K, K)}, got {tuple(target.shape)}")
+        target = target.to(**f32).contiguous()
+    else:
+        target = None
+    if method in (1, 2) and order is not None:
+        if tuple(order.shape) != (B, K, K):
+            raise ValueError(f"order must be (B, K, K) = {(B, K, K)}, got {tuple(order.shape)}")
+        order = order.to(device=G.device, dtype=torch.int64).contiguous()
+    else:
+        order = None
+    M = torch.empty(B, K, K, **f32)
+    cos = torch.empty(B, K, K, **f32)
+    w = torch.empty(B, K, **f32)
+    phi = torch.empty(B, K, K, **f32) if method == 2 else None  # every entry written
+    return order, target, M, cos, w, phi
+
+
+def _gram_solve(G: Tensor, method: int, order, target, M, cos, w, phi) -> None:
+    """The streaming Gram pass (partials over (sample, D-chunk) programs) and the solve
+    kernel (grid B), writing M, cos, w, phi. D = 0: the solve runs on zero Gram matrices."""
+    B, K, D = G.shape
+    KP = _kp(K)
+    if D == 0:
+        TILES, NC, nw = 1, 1, 1
+        part = torch.zeros(B, 1, K, K, dtype=torch.float32, device=G.device)
+    else:
+        BLOCK_D, nw = _gram_cfg(KP, D, G.element_size())
+        TILES, NC = _chunks(B, D, BLOCK_D, _CHUNK)
+        part = torch.empty(B, NC, K, K, dtype=torch.float32, device=G.device)
+        _gram_kernel[(B * NC,)](
+            G, part, D, NC, K=K, KP=KP, BLOCK_D=BLOCK_D, TILES=TILES, num_warps=nw,
+        )
+    dummy = M  # stands for absent optional pointers (never dereferenced)
+    _solve_kernel[(B,)](
+        part, M, cos, w, phi if phi is not None else dummy, order if order is not None else dummy,
+        target if target is not None else dummy, NC,
+        K=K, KP=KP, METHOD=method, HAS_ORDER=order is not None, CB=_CB, num_warps=1,
+    )
+
+
+@_on_G_device
+def solve_forward(
+    G: Tensor,
+    method: int,
+    order: Optional[Tensor] = None,
+    target: Optional[Tensor] = None,
+) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
+    """gram -> per-sample solve, no combine (``reference.solve(reference.gram(G), ...)``).
+
+    Two launches: the streaming Gram pass and the solve kernel; G is read once.
+
+    Args:
+        G: (B, K, D) float32/float16/bfloat16, K <= MAX_K.
+        method, order, target: as in :func:`fused_forward`.
+    Returns:
+        ``(M, cos, w, phi)``: M, cos (B, K, K), w (B, K), phi (B, K, K) (method 2, else
+        ``None``), all float32.
+    """
+    order, target, M, cos, w, phi = _solve_args(G, method, order, target)
+    G = G.contiguous()
+    if G.shape[0] > 0:
+        _gram_solve(G, method, order, target, M, cos, w, phi)
+    return M, cos, w, phi
+
+
 @_on_G_device
 def fused_forward(
     G: Tensor,
     method: int,
     order: Optional[Tensor] = None,
     target: Optional[Tensor] = None,
-    sample_weight: Optional[Tensor] = None,
     reduction: str = "none",
     path: str = "auto",
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Optional[Tensor]]:
     """gram -> per-sample solve -> combine, as :func:`gradharmony.engine.reference.fused`.
 
     Args:
-        G: (B, K, D) float32/float16/bfloat16, K <= 8.
+        G: (B, K, D) float32/float16/bfloat16, K <= MAX_K.
         method: 0 = sum, 1 = pcgrad, 2 = gradvac.
         order: (B, K, K) integer visiting order (``None`` = 0..K-1).
         target: (K, K) GradVac targets (method 2).
-        sample_weight: optional (B,) factor folded into w.
         reduction: "none" -> out (B, D); "sum" -> out (D,).
         path: "auto", "small" (one launch per call) or "large" (gram / solve / combine
             streaming passes); "auto" picks "small" when ``K * D * itemsize <=
@@ -670,46 +734,23 @@ def fused_forward(
         ``(out, M, cos, w, phi)``: out in G's dtype; M, cos (B, K, K), w (B, K) and phi
         (B, K, K) (method 2, else ``None``) float32.
     """
-    _check_G(G)
-    if method not in (0, 1, 2):
-        raise ValueError(f"unknown method id {method!r}; expected one of [0, 1, 2]")
-    if reduction not in ("none", "sum"):
+    if reduction not in REDUCTION_IDS:
         raise ValueError(f"reduction must be 'none' or 'sum', got {reduction!r}")
+    order, target, M, cos, w, phi = _solve_args(G, method, order, target)
     G = G.contiguous()
     B, K, D = G.shape
     dev = G.device
     f32 = dict(dtype=torch.float32, device=dev)
     KP = _kp(K)
-
-    if method == 2:
-        if target is None:
-            raise ValueError("gradvac needs a (K, K) target matrix")
-        if tuple(target.shape) != (K, K):
-            raise ValueError(f"target must be (K, K) = {(K, K)}, got {tuple(target.shape)}")
-        target = target.to(**f32).contiguous()
-    has_order = method in (1, 2) and order is not None
-    if has_order:
-        if tuple(order.shape) != (B, K, K):
-            raise ValueError(f"order must be (B, K, K) = {(B, K, K)}, got {tuple(order.shape)}")
-        order = order.to(device=dev, dtype=torch.int64).contiguous()
-    if sample_weight is not None:
-        if tuple(sample_weight.shape) != (B,):
-            raise ValueError(f"sample_weight must be (B,) = {(B,)}, got {tuple(sample_weight.shape)}")
-        sample_weight = sample_weight.to(**f32).contiguous()
-
-    if B == 0 or D == 0:  # nothing to stream: the reference handles the degenerate cases
-        from ..engine import reference
-
-        return reference.fused(G, method, order, target, sample_weight, reduction)
-    M = torch.empty(B, K, K, **f32)
-    cos = torch.empty(B, K, K, **f32)
-    w = torch.empty(B, K, **f32)
-    phi = torch.empty(B, K, K, **f32) if method == 2 else None  # every entry written
+    if B == 0 or D == 0:  # nothing to stream: gram + solve on zero Gram matrices, zero output
+        if B > 0:
+            _gram_solve(G, method, order, target, M, cos, w, phi)
+        out = torch.zeros((B, D) if reduction == "none" else (D,), dtype=G.dtype, device=dev)
+        return out, M, cos, w, phi
 
     dummy = M  # stands for absent optional pointers (never dereferenced)
-    order_arg = order if has_order else dummy
-    target_arg = target if method == 2 else dummy
-    sw_arg = sample_weight if sample_weight is not None else dummy
+    order_arg = order if order is not None else dummy
+    target_arg = target if target is not None else dummy
     phi_arg = phi if phi is not None else dummy
 
     if _path(G, path) == "small":
@@ -727,9 +768,9 @@ def fused_forward(
         # atomic sum of whole-sample tiles: several samples per program, fewer atomics
         spp = max(1, min(_MAX_SPP, B // _MIN_SUM_PROGRAMS)) if (atomic and one_tile) else 1
         _fused_small_kernel[(triton.cdiv(B, spp),)](
-            G, out, M, cos, w, phi_arg, order_arg, target_arg, sw_arg, B, D,
+            G, out, M, cos, w, phi_arg, order_arg, target_arg, B, D,
             K=K, KP=KP, BLOCK_D=BLOCK_D, ONE_TILE=one_tile, METHOD=method,
-            HAS_ORDER=has_order, HAS_SW=sample_weight is not None, ATOMIC_SUM=atomic, SPP=spp,
+            HAS_ORDER=order is not None, ATOMIC_SUM=atomic, SPP=spp,
             num_warps=nw,
         )
         if reduction == "sum":
@@ -739,58 +780,6 @@ def fused_forward(
         return out, M, cos, w, phi
 
     # large: gram pass (partials) -> solve (grid B) -> combine pass
-    BLOCK_D, nw = _gram_cfg(KP, D, G.element_size())
-    TILES, NC = _chunks(B, D, BLOCK_D, _CHUNK)
-    part = torch.empty(B, NC, K, K, **f32)
-    _gram_kernel[(B * NC,)](
-        G, part, D, NC, K=K, KP=KP, BLOCK_D=BLOCK_D, TILES=TILES, num_warps=nw,
-    )
-    _solve_kernel[(B,)](
-        part, M, cos, w, phi_arg, order_arg, target_arg, sw_arg, NC,
-        K=K, KP=KP, METHOD=method, HAS_ORDER=has_order, HAS_SW=sample_weight is not None,
-        CB=_CB, num_warps=1,
-    )
+    _gram_solve(G, method, order, target, M, cos, w, phi)
     out = _combine(G, w, reduction)
     return out, M, cos, w, phi
-
-
-# ----------------------------------------------------------------------------------------
-# backend
-# ----------------------------------------------------------------------------------------
-
-
-class TritonBackend:
-    """The Triton backend of the engine (``name = "triton"``).
-
-    Runs on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1`` (slow; for
-    tests). Takes float32 / float16 / bfloat16 and K <= 8; anything else is left to the
-    next backend (``supports`` returns False).
-    """
-
-    name = "triton"
-
-    def __init__(self) -> None:
-        if triton is None:
-            raise RuntimeError(f"triton is not importable ({_TRITON_ERROR})")
-        self.interpret = _interpret()
-        if not self.interpret and not torch.cuda.is_available():
-            raise RuntimeError(
-                "triton backend needs a CUDA GPU (torch.cuda.is_available() is False); "
-                "set TRITON_INTERPRET=1 before importing it to run the kernels on CPU"
-            )
-
-    def supports(self, G: Tensor) -> bool:
-        if G.dim() != 3 or G.dtype not in SUPPORTED_DTYPES or G.shape[1] > MAX_K:
-            return False
-        if G.device.type == "cuda":
-            return True
-        return self.interpret and G.device.type == "cpu"
-
-    def gram(self, G: Tensor) -> Tensor:
-        return gram_forward(G)
-
-    def combine(self, G: Tensor, w: Tensor, reduction: str) -> Tensor:
-        return combine_forward(G, w, reduction)
-
-    def fused(self, G, method, order, target, sample_weight, reduction):
-        return fused_forward(G, method, order, target, sample_weight, reduction)
