@@ -17,6 +17,11 @@ import zlib
 import pytest
 import torch
 
+from _helpers import assert_within_2x, eps, fresh_seed
+from _helpers import check_fused as _check_fused
+from _helpers import check_solve as _check_solve
+from _helpers import make_inputs as _make_inputs
+
 from gradharmony.engine import reference as R
 
 ext = pytest.importorskip("gradharmony.kernels.ext")
@@ -37,83 +42,22 @@ def ops():
     return torch.ops.gradharmony
 
 
-def _seed(*key) -> int:
-    env = os.environ.get("GRADHARMONY_TEST_SEED")
-    base = int(env) if env else int.from_bytes(os.urandom(4), "little")
-    return (base + zlib.crc32(repr(key).encode())) % (2**31)
-
-
-def _eps(dtype: torch.dtype) -> float:
-    return torch.finfo(dtype).eps
+_seed = fresh_seed
+_eps = eps
+_assert_2x = assert_within_2x
 
 
 def make_inputs(B, K, D, dtype, device, scale, seed, zero_rows=True):
-    """G (B, K, D) with some zero rows / samples, random orders, targets."""
-    gen = torch.Generator().manual_seed(seed)
-    G = torch.randn(B, K, D, generator=gen, dtype=torch.float64) * scale
-    if zero_rows and B * K > 2:
-        mask = torch.rand(B, K, generator=gen) < 0.15
-        G[mask] = 0
-        if B > 2:
-            G[1] = 0  # one all-zero sample
-    G = G.to(dtype).to(device)
-    order = torch.stack(
-        [torch.stack([torch.randperm(K, generator=gen) for _ in range(K)]) for _ in range(B)]
-    ).to(device)
-    target = (torch.rand(K, K, generator=gen) - 0.5).to(device)
-    return G, order, target
-
-
-def _assert_2x(name, got, ref, oracle, atol, info):
-    got, ref, oracle = (x.detach().double().cpu() for x in (got, ref, oracle))
-    assert got.shape == ref.shape, f"{name}: shape {tuple(got.shape)} != {tuple(ref.shape)} ({info})"
-    assert torch.isfinite(got).all(), f"{name}: non-finite output ({info})"
-    err = (got - oracle).abs()
-    err_ref = (ref - oracle).abs().max().item() if ref.numel() else 0.0
-    bound = 2 * err_ref + atol
-    bad = err > bound
-    if bad.any():
-        idx = bad.nonzero()[:5].tolist()
-        rows = [(i, got[tuple(i)].item(), ref[tuple(i)].item(), oracle[tuple(i)].item()) for i in idx]
-        raise AssertionError(
-            f"{name}: max err {err.max().item():.3e} > 2 * ref err {err_ref:.3e} + {atol:.1e} "
-            f"({info}); first mismatches (index, got, ref, oracle): {rows}"
-        )
+    """(G, order, target) of :func:`_helpers.make_inputs`."""
+    return _make_inputs(B, K, D, dtype, device, scale, seed, zero_rows)[:3]
 
 
 def check_fused(op_out, G, method, order, target, reduction, info, solve_out=None):
-    """Compare the fused op's (out, M, cos, w, phi) with the reference (same dtype) and a
-    float64 oracle; with ``solve_out``, the solve op's (M, cos, w, phi) the same way."""
-    out, M, cos, w, phi = op_out
+    """The raw fused op's (out, M, cos, w, phi) and, with ``solve_out``, the raw solve op's
+    (M, cos, w, phi) vs the reference and a float64 oracle (tests/_helpers.py)."""
+    _check_fused(op_out, G, method, order, target, reduction, info)
     if solve_out is not None:
-        check_fused((out,) + tuple(solve_out), G, method, order, target, reduction, f"solve op: {info}")
-    ref = R.fused(G, method, order, target, reduction)
-    orc = R.fused(G.double(), method, order, target, reduction)
-    acc = R.acc_dtype(G.dtype)
-    B, K, D = G.shape
-    assert out.dtype == G.dtype and M.dtype == acc and cos.dtype == acc and w.dtype == acc, info
-    if method == 2:
-        assert phi is not None and phi.dtype == acc and phi.shape == (B, K, K), info
-    eps_a = _eps(acc)
-    norms = orc[1].diagonal(dim1=1, dim2=2).clamp_min(0).sqrt()  # (B, K)
-    _assert_2x("M", M, ref[1], orc[1], 8 * eps_a * max(D, 1) ** 0.5 * (norms.max().item() ** 2), info)
-    _assert_2x("cos", cos, ref[2], orc[2], 64 * eps_a, info)
-    # w acts through w_k g_k: compare it weighted by the row norms (scale- and rank-robust)
-    nmax = norms.amax(1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
-    sc = norms / nmax
-    # D == 1 (all gradients collinear): GradVac sees cosines of exactly +-1 up to rounding and
-    # sqrt(1 - phi^2) turns an eps difference into sqrt(eps); the rule itself is that sensitive.
-    ill = method == 2 and D == 1
-    tol_w = 1e2 * eps_a ** 0.5 if ill else 1e3 * eps_a
-    _assert_2x("w*|g|", w.double().cpu() * sc.cpu(), ref[3].double().cpu() * sc.cpu(),
-               orc[3].double().cpu() * sc.cpu(), tol_w, info)
-    if method == 2 and not (D == 1 and K >= 3):  # D == 1: phi after a full projection is ~0/0
-        _assert_2x("phi", phi, ref[4], orc[4], 1e3 * eps_a, info)
-    scale_out = torch.einsum("bk,bkd->bd", orc[3].abs(), G.double().abs())
-    if reduction == "sum":
-        scale_out = scale_out.sum(0)
-    atol_out = (4 * _eps(G.dtype) + (K * tol_w if ill else 64 * eps_a)) * scale_out.max().item()
-    _assert_2x("out", out, ref[0], orc[0], atol_out + 1e-300, info)
+        _check_solve(*solve_out, G, method, order, target, f"solve op: {info}")
 
 
 # ----------------------------------------------------------------------------- the table
@@ -157,9 +101,7 @@ def _run_table(ops, device, dtype, B, K, D, scale):
                         reduction, info, solve_out=sol)
 
 
-@pytest.mark.parametrize("dtype,B,K,D,scale", _table())
-def test_fused_cpu_table(ops, dtype, B, K, D, scale):
-    _run_table(ops, "cpu", dtype, B, K, D, scale)
+# the generic table of every op on the cpp backend: tests/test_{gram,combine,solve,fused}.py
 
 
 @pytest.mark.parametrize("K", range(1, 9))
@@ -213,23 +155,6 @@ def test_cpu_outputs_over_huge_page_threshold(ops):
     w = torch.randn(41, 2)
     torch.testing.assert_close(ops.combine(G, w, 0), (w.double().unsqueeze(-1) * G.double()).sum(1).float(),
                                rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("B,K,D", [(1, 1, 1), (3, 2, 7), (37, 5, 1000), (2, 9, 4099), (4, 12, 70001)])
-def test_gram_combine_cpu(ops, dtype, B, K, D):
-    seed = _seed("gc", dtype, B, K, D)
-    G, _, _ = make_inputs(B, K, D, dtype, "cpu", 1.0, seed)
-    info = f"seed={seed} dtype={dtype} B={B} K={K} D={D}"
-    Go = G.double()
-    norms = R.gram(Go).diagonal(dim1=1, dim2=2).sqrt()
-    _assert_2x("gram", ops.gram(G), R.gram(G), R.gram(Go), 8 * _eps(R.acc_dtype(dtype)) * max(D, 1) ** 0.5 * norms.max().item() ** 2, info)
-    w = torch.randn(B, K, generator=torch.Generator().manual_seed(seed))
-    for red_id, red in enumerate(REDUCTIONS):
-        scale = torch.einsum("bk,bkd->bd", w.double().abs(), Go.abs())
-        scale = scale.sum(0) if red == "sum" else scale
-        _assert_2x(f"combine[{red}]", ops.combine(G, w, red_id), R.combine(G, w, red),
-                   R.combine(Go, w.double(), red), 4 * _eps(dtype) * scale.max().item() + 1e-300, info)
 
 
 def test_empty_and_degenerate(ops):
