@@ -158,14 +158,16 @@ def table(full: bool) -> list[tuple]:
 
 def run(arch: int, full: bool) -> list[dict]:
     driver.set_active(_AOTDriver(arch))
+    import importlib
+
     from gradharmony.kernels import triton_harmonize as th
 
     sink: dict = {}
-    names = ("_fused_small_kernel", "_gram_kernel", "_solve_kernel", "_combine_kernel")
-    saved = {n: getattr(th, n) for n in names}
+    mods = {n: importlib.import_module(f"gradharmony.kernels.{m}") for n, m in th.KERNEL_MODULES.items()}
+    saved = {n: getattr(mods[n], n) for n in mods}
     try:
-        for n in names:
-            setattr(th, n, _Recorder(n, saved[n], sink))
+        for n in mods:
+            setattr(mods[n], n, _Recorder(n, saved[n], sink))
         for (B, K, D, dt, op, method, red, order, det) in table(full):
             G = torch.empty(B, K, D, dtype=dt)  # never read: nothing runs
             prev = torch.are_deterministic_algorithms_enabled()
@@ -186,7 +188,7 @@ def run(arch: int, full: bool) -> list[dict]:
                 torch.use_deterministic_algorithms(prev)
     finally:
         for n, fn in saved.items():
-            setattr(th, n, fn)
+            setattr(mods[n], n, fn)
     tool = _cuobjdump()
     rows = []
     for rec in sink.values():

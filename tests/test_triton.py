@@ -1,4 +1,4 @@
-"""Triton kernels (gradharmony/kernels/triton_harmonize.py) vs the pure-PyTorch reference.
+"""Triton kernels (gradharmony/kernels/triton_*.py) vs the pure-PyTorch reference.
 
 Without a CUDA GPU the kernels run on CPU tensors under the Triton interpreter
 (``TRITON_INTERPRET=1``, set below before triton is imported): shapes stay small.
@@ -25,14 +25,19 @@ import pytest  # noqa: E402
 triton = pytest.importorskip("triton")
 
 from gradharmony.engine import reference  # noqa: E402
+from gradharmony.kernels import triton_gram  # noqa: E402
 from gradharmony.kernels import triton_harmonize as th  # noqa: E402
+from gradharmony.kernels import triton_launch as TL  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 if INTERPRET:
     from triton.runtime.interpreter import InterpretedFunction
-if INTERPRET and not isinstance(th._gram_kernel, InterpretedFunction):
+if INTERPRET and not isinstance(triton_gram._gram_kernel, InterpretedFunction):
     # imported earlier (by another test module) before TRITON_INTERPRET was set
-    th = importlib.reload(th)
+    from gradharmony.kernels import triton_combine, triton_fused, triton_solve
+
+    for _mod in (TL, triton_gram, triton_solve, triton_combine, triton_fused, th):
+        importlib.reload(_mod)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu" and not INTERPRET:
@@ -101,10 +106,10 @@ def _assert_close(actual, expected, rtol, what, tag, atol=0.0, scale=None):
 @pytest.fixture
 def tiny_blocks(monkeypatch):
     """Block sizes small enough that the looping / multi-chunk code runs on tiny D."""
-    monkeypatch.setattr(th, "_BLOCK_OVERRIDE", 16)  # BLOCK_D = 16 everywhere
-    monkeypatch.setattr(th, "_CHUNK", 48)  # several Gram / combine chunks per row
-    monkeypatch.setattr(th, "_MIN_PROGRAMS", 8)
-    monkeypatch.setattr(th, "_MIN_SUM_PROGRAMS", 2)  # several samples per program
+    monkeypatch.setattr(TL, "_BLOCK_OVERRIDE", 16)  # BLOCK_D = 16 everywhere
+    monkeypatch.setattr(TL, "_CHUNK", 48)  # several Gram / combine chunks per row
+    monkeypatch.setattr(TL, "_MIN_PROGRAMS", 8)
+    monkeypatch.setattr(TL, "_MIN_SUM_PROGRAMS", 2)  # several samples per program
 
 
 # (K, D) table; B cycles over {1, 3, 5}; path alternates small / large; two cases in three
@@ -236,7 +241,7 @@ def test_all_zero_and_parallel_rows(path, tiny_blocks):
 def test_small_sum_several_samples_per_program(B, monkeypatch):
     """reduction "sum" on the one-tile small path: 2 or 3 samples per program, the last
     program partly empty."""
-    monkeypatch.setattr(th, "_MIN_SUM_PROGRAMS", 2)
+    monkeypatch.setattr(TL, "_MIN_SUM_PROGRAMS", 2)
     inp = Inputs(B, 3, 100)
     for method in (0, 1, 2):
         _check_fused(inp, method, "small", "sum")
@@ -373,8 +378,8 @@ def test_launch_configs():
             if KP <= 4:
                 assert per_thread * itemsize >= 16, (KP, itemsize)  # 16-byte loads
     # large path, small B: chunks shrink so the grid still fills the GPU
-    tiles, nc = th._chunks(1, 1 << 20, 2048, th._CHUNK)
-    assert nc >= th._MIN_PROGRAMS // 2
+    tiles, nc = TL._chunks(1, 1 << 20, 2048, TL._CHUNK)
+    assert nc >= TL._MIN_PROGRAMS // 2
 
 
 def test_backend_registry_loads():
