@@ -7,7 +7,6 @@ comparison is bench_harmonize.py.
 """
 
 import os
-import statistics
 import sys
 
 import torch
@@ -17,26 +16,12 @@ from gradharmony.engine import reference
 from gradharmony.kernels.triton_harmonize import fused_forward
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import git_commit  # noqa: E402
+from _common import git_commit, percentiles, time_fn  # noqa: E402
 
 
 def _bench_ms(fn, reps: int = 30, inner: int = 10) -> tuple[float, float, float]:
-    """(median, p20, p80) ms per call of ``fn``: CUDA events around ``inner`` back-to-back
-    calls (so host launch overhead counts when it dominates)."""
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(inner):
-            fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / inner)
-    q = statistics.quantiles(times, n=10)
-    return statistics.median(times), q[1], q[7]
+    """(median, p20, p80) ms per call of ``fn``: ``inner`` back-to-back calls per sample."""
+    return percentiles(time_fn(fn, torch.device("cuda"), reps, inner=inner, budget_s=60.0))
 
 
 def _benchmark(full: bool = False) -> None:
