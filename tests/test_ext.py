@@ -22,6 +22,7 @@ from _helpers import check_solve as _check_solve
 from _helpers import make_inputs as _make_inputs
 
 from gradharmony.engine import reference as R
+from gradharmony.kernels import build_flags
 
 ext = pytest.importorskip("gradharmony.kernels.ext")
 
@@ -334,7 +335,7 @@ def test_torch_compile_fullgraph(ops):
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
 def test_cuda_kernels_compile(tmp_path):
     """The CUDA kernels (every dtype and K, via the standalone self-test) compile with nvcc."""
-    cmd = ["nvcc", "-c", "-arch=sm_90", "-std=c++17", "--expt-relaxed-constexpr", "-I", CSRC,
+    cmd = ["nvcc", "-c", "-arch=sm_90", *build_flags.NVCC_FLAGS, "-I", CSRC,
            os.path.join(CSRC, "cuda_selftest.cu"), "-o", str(tmp_path / "selftest.o")]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-4000:]
@@ -368,7 +369,7 @@ def test_cuda_ops_compile(tmp_path):
     from torch.utils.cpp_extension import include_paths
 
     _cuda_glue_stubs(tmp_path)
-    cmd = ["nvcc", "-c", "-arch=sm_90", "-std=c++17", "--expt-relaxed-constexpr",
+    cmd = ["nvcc", "-c", "-arch=sm_90", *build_flags.NVCC_FLAGS,
            "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE", "-DTORCH_API_INCLUDE_EXTENSION_H", "-I", CSRC,
            "-isystem", str(tmp_path)]
     for inc in include_paths() + [sysconfig.get_paths()["include"]]:
