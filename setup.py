@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import glob
 import os
+import runpy
 import shutil
 import sys
 import warnings
@@ -38,6 +39,9 @@ from setuptools.command.build_py import build_py
 HERE = os.path.dirname(os.path.abspath(__file__))
 CSRC = os.path.join(HERE, "csrc")
 CSRC_PATTERNS = ("*.h", "*.cuh", "*.cpp", "*.cu")
+# the compiler flags, shared with the JIT loader (gradharmony/kernels/ext.py): a data-only file,
+# executed rather than imported (the package needs torch, which may not be importable here)
+FLAGS = runpy.run_path(os.path.join(HERE, "gradharmony", "kernels", "build_flags.py"))
 
 
 def _env_flag(name: str) -> bool:
@@ -98,7 +102,7 @@ def _extensions_and_cmdclass():
         for pattern in ("*.h", "*.cuh", "*.cu")
         for p in glob.glob(os.path.join(CSRC, pattern))
     )
-    cxx = ["-O3", "-fopenmp", "-std=c++17", "-ffp-contract=off"]
+    cxx = list(FLAGS["CXX_FLAGS"])
     with_cuda = bool(torch.version.cuda) and ce.CUDA_HOME is not None
     if force_cuda and not with_cuda:
         raise RuntimeError(
@@ -107,15 +111,15 @@ def _extensions_and_cmdclass():
         )
     if with_cuda:
         sources.append(os.path.join("csrc", "harmonize_cuda.cu"))
-        nvcc = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", *_cuda_archs()]
+        nvcc = [*FLAGS["NVCC_FLAGS"], *_cuda_archs()]
         ext = ce.CUDAExtension(
             "gradharmony._C", sources, depends=depends,
-            extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=["-fopenmp"],
+            extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=list(FLAGS["LD_FLAGS"]),
         )
     else:
         ext = ce.CppExtension(
             "gradharmony._C", sources, depends=depends, extra_compile_args={"cxx": cxx},
-            extra_link_args=["-fopenmp"],
+            extra_link_args=list(FLAGS["LD_FLAGS"]),
         )
 
     base = ce.BuildExtension.with_options(use_ninja=True)

@@ -32,7 +32,6 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -43,7 +42,7 @@ import gradharmony as gh
 from gradharmony.engine import available_backends, reference
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import device_name, git_commit, sync  # noqa: E402
+from _common import PeakMemory, device_name, git_commit, percentiles, time_fn  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 GPU_SIZES = [
@@ -52,75 +51,6 @@ GPU_SIZES = [
 ]
 CPU_SIZES = [(256, 2, 1024), (256, 3, 1024), (256, 2, 4096), (1024, 2, 4096), (64, 2, 1 << 18)]
 SLOW_MAX_ELEMS = 1 << 22  # the loop / torchjd baselines only up to this many elements on CPU
-
-
-def time_fn(fn: Callable[[], object], dev: torch.device, reps: int, warmup: int = 3,
-            budget_s: float = 5.0) -> list[float]:
-    """Per-call times in ms (CUDA events on GPU, perf_counter on CPU)."""
-    for _ in range(warmup):
-        fn()
-    sync(dev)
-    times: list[float] = []
-    t_start = time.perf_counter()
-    for _ in range(reps):
-        if dev.type == "cuda":
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-        if time.perf_counter() - t_start > budget_s and len(times) >= 5:
-            break
-    return times
-
-
-class PeakMemory:
-    """Peak extra memory of a block: CUDA allocator on GPU; on CPU, the running sum of the
-    CPU allocator's allocation/free events recorded by the profiler (VmHWM misses memory
-    that malloc reuses from pages already resident, i.e. everything after a warm-up)."""
-
-    def __init__(self, dev: torch.device) -> None:
-        self.dev = dev
-        self.peak_mb: Optional[float] = None
-
-    def __enter__(self) -> "PeakMemory":
-        if self.dev.type == "cuda":
-            torch.cuda.synchronize(self.dev)
-            torch.cuda.reset_peak_memory_stats(self.dev)
-            self.base = torch.cuda.memory_allocated(self.dev)
-        else:
-            from torch.profiler import ProfilerActivity, profile
-
-            self.prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
-            self.prof.__enter__()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.dev.type == "cuda":
-            torch.cuda.synchronize(self.dev)
-            self.peak_mb = (torch.cuda.max_memory_allocated(self.dev) - self.base) / 2**20
-            return
-        self.prof.__exit__(*exc)
-        try:
-            fd, path = tempfile.mkstemp(suffix=".json")
-            os.close(fd)
-            self.prof.export_chrome_trace(path)
-            events = json.loads(Path(path).read_text())["traceEvents"]
-            os.unlink(path)
-            deltas = [(e["ts"], e["args"]["Bytes"]) for e in events
-                      if e.get("name") == "[memory]" and e.get("args", {}).get("Device Type", 0) == 0]
-            cur = peak = 0
-            for _, nbytes in sorted(deltas):
-                cur += nbytes
-                peak = max(peak, cur)
-            self.peak_mb = peak / 2**20
-        except Exception:  # no kineto trace: report no figure rather than a wrong one
-            self.peak_mb = None
 
 
 def pcgrad_loop(G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -225,11 +155,11 @@ def run_size(B: int, K: int, D: int, dtype: torch.dtype, dev: torch.device, bw: 
             rows.append(dict(size=f"{B}x{K}x{D}", impl=name, error=f"{type(exc).__name__}: {exc}"[:200],
                              correct=False if name.startswith("gh[") else None))
             continue
-        q = statistics.quantiles(t, n=10) if len(t) >= 2 else [t[0]] * 9
+        med, p20, p80 = percentiles(t)
         rows.append(dict(
             size=f"{B}x{K}x{D}", B=B, K=K, D=D, dtype=str(dtype).replace("torch.", ""), impl=name,
-            median_ms=statistics.median(t), p20_ms=q[1], p80_ms=q[7], n=len(t),
-            one_read_ms=one_read_ms, x_one_read=statistics.median(t) / one_read_ms,
+            median_ms=med, p20_ms=p20, p80_ms=p80, n=len(t),
+            one_read_ms=one_read_ms, x_one_read=med / one_read_ms,
             peak_extra_mb=pm.peak_mb, input_mb=G.numel() * G.element_size() / 2**20,
             max_rel_err=err, max_cos_err=cos_err, correct=ok, device=dname, torch=torch.__version__, commit=commit,
         ))

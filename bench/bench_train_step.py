@@ -56,7 +56,7 @@ from gradharmony.vatt.distributed import DistContext  # noqa: E402
 from gradharmony.vatt.trainer import Trainer, build_datasets  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import device_name, git_commit, sync  # noqa: E402
+from _common import device_name, git_commit, percentiles, time_call  # noqa: E402
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "plain": {"harmony.level": "none", "harmony.curriculum": "off"},
@@ -160,12 +160,9 @@ def measure(trainers: dict[str, Trainer], batches: list[dict[str, torch.Tensor]]
     for r in range(warmup + steps):
         batch = batches[r % len(batches)]
         for name, tr in trainers.items():
-            sync(device)
-            t0 = time.perf_counter()
-            tr.train_step(batch)
-            sync(device)
+            t = time_call(lambda: tr.train_step(batch), device)
             if r >= warmup:
-                times[name].append(1e3 * (time.perf_counter() - t0))
+                times[name].append(t)
     return {k: np.array(v) for k, v in times.items()}
 
 
@@ -173,8 +170,8 @@ def summarize(times: dict[str, np.ndarray]) -> list[dict[str, Any]]:
     med = {k: float(np.median(v)) for k, v in times.items()}
     rows = []
     for k, v in times.items():
-        row = {"variant": k, "median_ms": med[k], "p20_ms": float(np.percentile(v, 20)),
-               "p80_ms": float(np.percentile(v, 80)), "n": int(len(v))}
+        _, p20, p80 = percentiles(list(v))
+        row = {"variant": k, "median_ms": med[k], "p20_ms": p20, "p80_ms": p80, "n": int(len(v))}
         row["vs_plain"] = med[k] / med["plain"]
         if "sum" in med:
             row["vs_sum"] = med[k] / med["sum"]

@@ -7,7 +7,6 @@ comparison is bench_harmonize.py.
 """
 
 import os
-import statistics
 import sys
 
 import torch
@@ -17,26 +16,12 @@ from gradharmony.engine import reference
 from gradharmony.kernels.triton_harmonize import fused_forward
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import git_commit  # noqa: E402
+from _common import git_commit, percentiles, time_fn  # noqa: E402
 
 
 def _bench_ms(fn, reps: int = 30, inner: int = 10) -> tuple[float, float, float]:
-    """(median, p20, p80) ms per call of ``fn``: CUDA events around ``inner`` back-to-back
-    calls (so host launch overhead counts when it dominates)."""
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(inner):
-            fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / inner)
-    q = statistics.quantiles(times, n=10)
-    return statistics.median(times), q[1], q[7]
+    """(median, p20, p80) ms per call of ``fn``: ``inner`` back-to-back calls per sample."""
+    return percentiles(time_fn(fn, torch.device("cuda"), reps, inner=inner, budget_s=60.0))
 
 
 def _benchmark(full: bool = False) -> None:
@@ -58,16 +43,16 @@ def _benchmark(full: bool = False) -> None:
             for method in methods:
                 tgt = target if method == 2 else None
                 for reduction in ("none", "sum"):
-                    ref_ms = _bench_ms(lambda: reference.fused(G, method, order, tgt, None, reduction), reps=5, inner=2)[0]
-                    ref = reference.fused(G, method, order, tgt, None, reduction)
+                    ref_ms = _bench_ms(lambda: reference.fused(G, method, order, tgt, reduction), reps=5, inner=2)[0]
+                    ref = reference.fused(G, method, order, tgt, reduction)
                     paths = ["auto"] + (["small", "large"] if full and K * D * G.element_size() <= 1 << 16 else [])
                     for path in paths:
                         # checked against the reference before timing: out (relative) and cosines
-                        o = fused_forward(G, method, order, tgt, None, reduction, path)
+                        o = fused_forward(G, method, order, tgt, reduction, path)
                         err = max(float((o[0].float() - ref[0].float()).abs().max()
                                         / ref[0].float().abs().max().clamp_min(1e-30)),
                                   float((o[2].float() - ref[2].float()).abs().max()))
-                        med, p20, p80 = _bench_ms(lambda: fused_forward(G, method, order, tgt, None, reduction, path))
+                        med, p20, p80 = _bench_ms(lambda: fused_forward(G, method, order, tgt, reduction, path))
                         print(
                             f"{B}x{K}x{D}, {str(dtype)[6:]}, {method}, {reduction}, {path}, "
                             f"{med:.4f}, {p20:.4f}, {p80:.4f}, {ref_ms:.4f}, {med / copy_ms:.2f}, {err:.1e}",

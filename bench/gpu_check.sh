@@ -4,9 +4,11 @@
 #
 #   OUT=/tmp/out GH_COMMIT=$(git rev-parse --short HEAD) bash bench/gpu_check.sh [STAGE]
 #
-# STAGE: "test" (build + GPU tests: at most about 7 min on an H100 with a cold Triton cache),
-# "bench" (build if needed + the benchmarks: at most 7 min), or "all" (default; both,
-# more than one 600 s device command may take: run the two stages as two commands).
+# STAGE: "test" (build + the GPU tests of test_ext.py / test_triton.py: at most about 7 min on
+# an H100 with a cold Triton cache), "suites" (build if needed + the per-op suites and the
+# property suite on the cuda and triton backends: at most about 6 min), "bench" (build if
+# needed + the benchmarks: at most 7 min), or "all" (default; all three, more than one 600 s
+# device command may take: run the stages as separate commands).
 # GH_COMMIT: the commit the result files name where the copied tree has no .git.
 # Exit status 1 when any step failed (all steps run regardless; see run.log).
 # Optional: a folder .whl/ of extra wheels (e.g. torchjd, for the torchjd baseline) is
@@ -14,7 +16,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 STAGE=${1:-all}
-case "$STAGE" in all|test|bench) ;; *) echo "usage: $0 [all|test|bench]" >&2; exit 2 ;; esac
+case "$STAGE" in all|test|suites|bench) ;; *) echo "usage: $0 [all|test|suites|bench]" >&2; exit 2 ;; esac
 OUT=${OUT:-bench/results/gpu_run}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 GRADHARMONY_CUDA_ARCHS=${GRADHARMONY_CUDA_ARCHS:-90} MAX_JOBS=${MAX_JOBS:-16}
@@ -28,7 +30,7 @@ fi
 log "stage $STAGE | $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader) | commit $GH_COMMIT"
 
 # build unless this machine already holds a CUDA build of the extension (a warm rerun)
-if python3 -c "import torch, gradharmony._C; torch.ops.gradharmony.fused(torch.randn(1, 2, 3, device='cuda'), 1, None, None, None, 0)" >/dev/null 2>&1; then
+if python3 -c "import torch, gradharmony._C; torch.ops.gradharmony.solve(torch.randn(1, 2, 3, device='cuda'), 1, None, None)" >/dev/null 2>&1; then
   log "extension already built with CUDA"
 else
   log "build"
@@ -36,7 +38,7 @@ else
 fi
 python3 -m gradharmony.info 2>&1 | tee -a "$OUT/run.log"
 
-if [ "$STAGE" != bench ]; then
+if [ "$STAGE" = all ] || [ "$STAGE" = test ]; then
   # test_ext.py: its GPU tests (the rest is CPU); test_triton.py: all of it, which on a GPU
   # runs the whole table compiled on the device (only two of its tests carry the gpu mark)
   log "gpu tests"
@@ -45,7 +47,14 @@ if [ "$STAGE" != bench ]; then
   timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_triton.py 2>&1 \
     | tee "$OUT/gpu_tests_triton.log" | tail -10 | tee -a "$OUT/run.log" || FAIL=1
 fi
-if [ "$STAGE" != test ]; then
+if [ "$STAGE" = all ] || [ "$STAGE" = suites ]; then
+  # every op (gram, combine, solve, fused) and the property suite on the GPU backends
+  log "per-op and property suites on cuda and triton"
+  timeout 360 python3 -m pytest -q -p no:cacheprovider -k "cuda or triton" tests/test_gram.py \
+    tests/test_combine.py tests/test_solve.py tests/test_fused.py tests/core/test_core_properties.py 2>&1 \
+    | tee "$OUT/gpu_tests_suites.log" | tail -10 | tee -a "$OUT/run.log" || FAIL=1
+fi
+if [ "$STAGE" = all ] || [ "$STAGE" = bench ]; then
   log "harmonize benchmark float32"
   timeout 240 python3 bench/bench_harmonize.py --dtypes float32 --reps 100 --out "$OUT" --tag cuda 2>&1 | tee -a "$OUT/run.log" || FAIL=1
   log "harmonize benchmark bfloat16"

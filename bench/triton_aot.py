@@ -134,7 +134,7 @@ def _resources(cubin: bytes, tool: Optional[str]) -> dict:
 
 
 def table(full: bool) -> list[tuple]:
-    """(B, K, D, dtype, op, method, reduction, order, sample_weight, deterministic) cases
+    """(B, K, D, dtype, op, method, reduction, order, deterministic) cases
     covering every kernel, padded K (KP = 2, 4, 8), dtype, path and flag the launchers use."""
     Ks = range(1, 9) if full else (2, 3, 8)
     Ds = (7, 1000, 4096, 8193, 1 << 20) if full else (1000, 4096, 1 << 20)
@@ -143,29 +143,32 @@ def table(full: bool) -> list[tuple]:
     for K, D, dt in itertools.product(Ks, Ds, dtypes):
         B = 64 if D >= 1 << 20 else 256
         for method, red in itertools.product((0, 1, 2), ("none", "sum")):
-            cases.append((B, K, D, dt, "fused", method, red, method > 0, False, False))
-        cases.append((B, K, D, dt, "fused", 1, "sum", True, True, True))  # sample weights, deterministic
+            cases.append((B, K, D, dt, "fused", method, red, method > 0, False))
+        cases.append((B, K, D, dt, "fused", 1, "sum", True, True))  # deterministic
         if full or K == 3:
-            cases.append((B, K, D, dt, "gram", None, None, False, False, False))
+            cases.append((B, K, D, dt, "gram", None, None, False, False))
+            cases.append((B, K, D, dt, "solve", 2, None, True, False))
             for red in ("none", "sum"):
-                cases.append((B, K, D, dt, "combine", None, red, False, False, False))
+                cases.append((B, K, D, dt, "combine", None, red, False, False))
     if not full:  # the float16 loads: one small and one large path
-        cases += [(256, 2, 1000, torch.float16, "fused", 1, "none", True, False, False),
-                  (64, 2, 1 << 20, torch.float16, "fused", 1, "none", True, False, False)]
+        cases += [(256, 2, 1000, torch.float16, "fused", 1, "none", True, False),
+                  (64, 2, 1 << 20, torch.float16, "fused", 1, "none", True, False)]
     return cases
 
 
 def run(arch: int, full: bool) -> list[dict]:
     driver.set_active(_AOTDriver(arch))
+    import importlib
+
     from gradharmony.kernels import triton_harmonize as th
 
     sink: dict = {}
-    names = ("_fused_small_kernel", "_gram_kernel", "_solve_kernel", "_combine_kernel")
-    saved = {n: getattr(th, n) for n in names}
+    mods = {n: importlib.import_module(f"gradharmony.kernels.{m}") for n, m in th.KERNEL_MODULES.items()}
+    saved = {n: getattr(mods[n], n) for n in mods}
     try:
-        for n in names:
-            setattr(th, n, _Recorder(n, saved[n], sink))
-        for (B, K, D, dt, op, method, red, order, sw, det) in table(full):
+        for n in mods:
+            setattr(mods[n], n, _Recorder(n, saved[n], sink))
+        for (B, K, D, dt, op, method, red, order, det) in table(full):
             G = torch.empty(B, K, D, dtype=dt)  # never read: nothing runs
             prev = torch.are_deterministic_algorithms_enabled()
             torch.use_deterministic_algorithms(det)
@@ -177,13 +180,15 @@ def run(arch: int, full: bool) -> list[dict]:
                 else:
                     o = torch.zeros(B, K, K, dtype=torch.int64) if order else None
                     tgt = torch.zeros(K, K) if method == 2 else None
-                    s = torch.ones(B) if sw else None
-                    th.fused_forward(G, method, o, tgt, s, red)
+                    if op == "solve":
+                        th.solve_forward(G, method, o, tgt)
+                    else:
+                        th.fused_forward(G, method, o, tgt, red)
             finally:
                 torch.use_deterministic_algorithms(prev)
     finally:
         for n, fn in saved.items():
-            setattr(th, n, fn)
+            setattr(mods[n], n, fn)
     tool = _cuobjdump()
     rows = []
     for rec in sink.values():

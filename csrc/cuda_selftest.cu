@@ -58,7 +58,7 @@ int run_case(int64_t B, int64_t D, int method, int reduction, bool large, double
       }
     double cosb[K * K], phib[K * K], tgt[K * K];
     for (int i = 0; i < K * K; ++i) tgt[i] = hT[i];
-    solve_sample<double>(&Mref[b * K * K], K, method, &hO[b * K * K], tgt, 1.0, cosb, &wref[b * K], phib);
+    solve_sample<double>(&Mref[b * K * K], K, method, &hO[b * K * K], tgt, cosb, &wref[b * K], phib);
     for (int64_t d = 0; d < D; ++d) {
       double o = 0;
       for (int k = 0; k < K; ++k) o += wref[b * K + k] * host_to_float(hG[(b * K + k) * D + d]);
@@ -85,13 +85,13 @@ int run_case(int64_t B, int64_t D, int method, int reduction, bool large, double
   if (!large) {
     const int64_t grid = reduction ? (B < 64 ? B : 64) : B;
     fused_small_kernel<scalar_t, acc_t, K><<<grid, kThreads, reduction ? D * sizeof(acc_t) : 0>>>(
-        dG, B, D, method, dO, dT, nullptr, dM, dcos, dw, dphi, reduction ? nullptr : dout,
+        dG, B, D, method, dO, dT, dM, dcos, dw, dphi, reduction ? nullptr : dout,
         reduction ? dacc : nullptr);
   } else {
     const int64_t chunk = ((D + 3) / 4 + N - 1) / N * N, nch = (D + chunk - 1) / chunk;
     CK(cudaMalloc(&dpart, B * nch * (K * (K + 1) / 2) * sizeof(acc_t)));
     gram_partial_kernel<scalar_t, acc_t, K><<<B * nch, kThreads>>>(dG, D, chunk, nch, dpart);
-    solve_kernel<acc_t><<<(B + 127) / 128, 128>>>(dpart, B, K, nch, method, dO, dT, nullptr, dM, dcos, dw, dphi);
+    solve_kernel<acc_t><<<(B + 127) / 128, 128>>>(dpart, B, K, nch, method, dO, dT, dM, dcos, dw, dphi);
     if (reduction) {
       const bool vec = D % N == 0;
       const int64_t nblk = (D + kThreads * (vec ? N : 1) - 1) / (kThreads * (vec ? N : 1));

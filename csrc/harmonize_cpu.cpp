@@ -1,4 +1,4 @@
-// CPU kernels of gradharmony::{gram, combine, fused}.
+// CPU kernels of gradharmony::{gram, combine, solve, fused}.
 //
 // G: (B, K, D) contiguous; float32 / float64 / float16 / bfloat16 in, float32 (float64 for
 // float64) accumulation. Work is tiled over D in tiles of kTile columns so that the K rows of a
@@ -6,6 +6,7 @@
 // inner loop is a unit-stride loop with independent partial sums, and the K interleaved row
 // streams are software-prefetched. No (B, K, D) temporary is allocated.
 //
+// solve: the Gram pass of gram, then one K x K solve per sample (no combine).
 // fused, many samples: one task per block of samples; per sample, gram over all tiles, solve in
 // registers, then combine while G_b is still in cache (reduction "sum": one D-sized partial
 // buffer per task, added up at the end).
@@ -50,9 +51,6 @@ constexpr int64_t kSumBlock = 65536;      // columns per block of combine(reduct
 constexpr int64_t kSplitDMin = 1 << 15;   // split one sample over D only above K*D of this
 constexpr int64_t kGrainElems = 1 << 15;  // minimum elements per parallel task
 constexpr int64_t kStreamBytes = 1 << 21; // outputs this large are written with streaming stores
-
-template <typename scalar_t>
-using acc_of = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
 
 #define GH_CPU_NS baseline
 #define GH_F16C 0
@@ -147,28 +145,43 @@ at::Tensor combine_cpu(const at::Tensor& G_in, const at::Tensor& w_in, int64_t r
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_cpu(
-    const at::Tensor& G_in, int64_t method, const c10::optional<at::Tensor>& order,
-    const c10::optional<at::Tensor>& target, const c10::optional<at::Tensor>& sample_weight,
-    int64_t reduction) {
-  const at::Tensor G = G_in.contiguous();
-  FusedInputs in = prepare_fused(G, method, order, target, sample_weight, reduction);
-  const int64_t B = G.size(0), K = G.size(1), D = G.size(2);
+// order entries outside [0, K) would index out of bounds in the solve (one host check: CPU).
+inline void check_order_range(const SolveInputs& in, int64_t K, const char* op) {
   if (in.order.defined() && in.order.numel() > 0) {
     TORCH_CHECK(in.order.min().item<int64_t>() >= 0 && in.order.max().item<int64_t>() < K,
-                "gradharmony::fused: order entries must be in [0, K)");
+                "gradharmony::", op, ": order entries must be in [0, K)");
   }
-  const auto aopt = G.options().dtype(acc_type(G.scalar_type()));
-  at::Tensor M = at::empty({B, K, K}, aopt);
-  at::Tensor cos = at::empty({B, K, K}, aopt);
-  at::Tensor w = at::empty({B, K}, aopt);
-  at::Tensor phi = method == kGradVac ? at::empty({B, K, K}, aopt) : at::empty({0}, aopt);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> solve_cpu(
+    const at::Tensor& G_in, int64_t method, const c10::optional<at::Tensor>& order,
+    const c10::optional<at::Tensor>& target) {
+  const at::Tensor G = G_in.contiguous();
+  const SolveInputs in = prepare_solve(G, method, order, target, "solve");
+  check_order_range(in, G.size(1), "solve");
+  SolveOutputs r = alloc_solve_outputs(G, method);
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, G.scalar_type(), "gradharmony_solve_cpu",
+      [&] { GH_CPU_CALL(solve_kernel<scalar_t>, G, method, in, r.M, r.cos, r.w, r.phi); });
+  return {r.M, r.cos, r.w, r.phi};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_cpu(
+    const at::Tensor& G_in, int64_t method, const c10::optional<at::Tensor>& order,
+    const c10::optional<at::Tensor>& target, int64_t reduction) {
+  const at::Tensor G = G_in.contiguous();
+  check_reduction(reduction, "fused");
+  const SolveInputs in = prepare_solve(G, method, order, target, "fused");
+  check_order_range(in, G.size(1), "fused");
+  const int64_t B = G.size(0), D = G.size(2);
+  SolveOutputs r = alloc_solve_outputs(G, method);
   at::Tensor out = reduction == kNone ? at::empty({B, D}, G.options()) : at::empty({D}, G.options());
   advise_huge_pages(out);
   AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, G.scalar_type(), "gradharmony_fused_cpu",
-      [&] { GH_CPU_CALL(fused_kernel<scalar_t>, G, method, in, reduction, out, M, cos, w, phi); });
-  return {out, M, cos, w, phi};
+      at::kHalf, at::kBFloat16, G.scalar_type(), "gradharmony_fused_cpu", [&] {
+        GH_CPU_CALL(fused_kernel<scalar_t>, G, method, in, reduction, out, r.M, r.cos, r.w, r.phi);
+      });
+  return {out, r.M, r.cos, r.w, r.phi};
 }
 
 }  // namespace
@@ -177,5 +190,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_cpu
 TORCH_LIBRARY_IMPL(gradharmony, CPU, m) {
   m.impl("gram", &gradharmony::gram_cpu);
   m.impl("combine", &gradharmony::combine_cpu);
+  m.impl("solve", &gradharmony::solve_cpu);
   m.impl("fused", &gradharmony::fused_cpu);
 }

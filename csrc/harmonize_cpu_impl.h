@@ -389,10 +389,39 @@ void combine_kernel(const at::Tensor& G, const at::Tensor& w, int64_t reduction,
   });
 }
 
-// --------------------------------------------------------------------------------- fused
+// --------------------------------------------------------------------------- solve, fused
+
+// The per-sample solve of sample b on its Gram matrix M_b (already in M): cos, w, phi.
+template <typename acc_t>
+inline void solve_one(int64_t b, int64_t K, int64_t method, const SolveInputs& in, acc_t* mp,
+                      acc_t* cp, acc_t* wp, acc_t* pp) {
+  const int64_t* op = in.order.defined() ? in.order.data_ptr<int64_t>() : nullptr;
+  const acc_t* tp = in.target.defined() ? in.target.data_ptr<acc_t>() : nullptr;
+  solve_sample<acc_t>(mp + b * K * K, static_cast<int>(K), static_cast<int>(method),
+                      op ? op + b * K * K : nullptr, tp, cp + b * K * K, wp + b * K,
+                      pp ? pp + b * K * K : nullptr);
+}
+
+// gram -> per-sample solve, no combine: G is read once (the Gram pass of gram_kernel), then
+// one K x K solve per sample in parallel over samples.
+template <typename scalar_t>
+void solve_kernel(const at::Tensor& G, int64_t method, const SolveInputs& in, at::Tensor& M,
+                  at::Tensor& cos, at::Tensor& w, at::Tensor& phi) {
+  using acc_t = acc_of<scalar_t>;
+  const int64_t B = G.size(0), K = G.size(1);
+  gram_kernel<scalar_t>(G, M);
+  acc_t* mp = M.data_ptr<acc_t>();
+  acc_t* cp = cos.data_ptr<acc_t>();
+  acc_t* wp = w.data_ptr<acc_t>();
+  acc_t* pp = method == kGradVac ? phi.data_ptr<acc_t>() : nullptr;
+  // a solve is ~K^3 flops: a few hundred samples per task
+  at::parallel_for(0, B, 256, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) solve_one<acc_t>(b, K, method, in, mp, cp, wp, pp);
+  });
+}
 
 template <typename scalar_t>
-void fused_kernel(const at::Tensor& G, int64_t method, const FusedInputs& in, int64_t reduction,
+void fused_kernel(const at::Tensor& G, int64_t method, const SolveInputs& in, int64_t reduction,
                   at::Tensor& out, at::Tensor& M, at::Tensor& cos, at::Tensor& w,
                   at::Tensor& phi) {
   using acc_t = acc_of<scalar_t>;
@@ -402,17 +431,9 @@ void fused_kernel(const at::Tensor& G, int64_t method, const FusedInputs& in, in
   acc_t* cp = cos.data_ptr<acc_t>();
   acc_t* wp = w.data_ptr<acc_t>();
   acc_t* pp = method == kGradVac ? phi.data_ptr<acc_t>() : nullptr;
-  const int64_t* op = in.order.defined() ? in.order.data_ptr<int64_t>() : nullptr;
-  const acc_t* tp = in.target.defined() ? in.target.data_ptr<acc_t>() : nullptr;
-  const acc_t* sp = in.sample_weight.defined() ? in.sample_weight.data_ptr<acc_t>() : nullptr;
   scalar_t* o = out.data_ptr<scalar_t>();
-  const int Ki = static_cast<int>(K);
 
-  auto solve_b = [&](int64_t b) {
-    solve_sample<acc_t>(mp + b * K * K, Ki, static_cast<int>(method), op ? op + b * K * K : nullptr,
-                        tp, sp ? sp[b] : acc_t(1), cp + b * K * K, wp + b * K,
-                        pp ? pp + b * K * K : nullptr);
-  };
+  auto solve_b = [&](int64_t b) { solve_one<acc_t>(b, K, method, in, mp, cp, wp, pp); };
 
   const int64_t T = at::get_num_threads();
   if (B < T && K * D >= kSplitDMin) {

@@ -1,4 +1,4 @@
-// CUDA ops gradharmony::{gram, combine, fused} (kernels: harmonize_kernels.cuh).
+// CUDA ops gradharmony::{gram, combine, solve, fused} (kernels: harmonize_kernels.cuh).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -17,9 +17,6 @@ using namespace gradharmony::cuda;
 template <typename T> struct CudaType { using type = T; };
 template <> struct CudaType<at::Half> { using type = __half; };
 template <> struct CudaType<at::BFloat16> { using type = __nv_bfloat16; };
-
-template <typename scalar_t>
-using acc_of = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
 
 inline int num_sms() {
   return at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
@@ -130,7 +127,7 @@ at::Tensor gram_cuda(const at::Tensor& G_in) {
     int64_t nchunks = 1;
     at::Tensor part = gram_partials<scalar_t>(G, nchunks);
     solve_kernel<acc_t><<<(B + 127) / 128, 128, 0, at::cuda::getCurrentCUDAStream()>>>(
-        part.data_ptr<acc_t>(), B, (int)K, nchunks, -1, nullptr, nullptr, nullptr,
+        part.data_ptr<acc_t>(), B, (int)K, nchunks, -1, nullptr, nullptr,
         M.data_ptr<acc_t>(), nullptr, nullptr, nullptr);
     GH_CHECK_LAUNCH();
   });
@@ -152,19 +149,42 @@ at::Tensor combine_cuda(const at::Tensor& G_in, const at::Tensor& w_in, int64_t 
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_cuda(
+// gram partials -> solve (one thread per sample), no combine: G is read once.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> solve_cuda(
     const at::Tensor& G_in, int64_t method, const c10::optional<at::Tensor>& order,
-    const c10::optional<at::Tensor>& target, const c10::optional<at::Tensor>& sample_weight,
-    int64_t reduction) {
+    const c10::optional<at::Tensor>& target) {
   const c10::cuda::CUDAGuard guard(G_in.device());
   const at::Tensor G = G_in.contiguous();
-  FusedInputs in = prepare_fused(G, method, order, target, sample_weight, reduction);
+  const SolveInputs in = prepare_solve(G, method, order, target, "solve");
+  const int64_t B = G.size(0), K = G.size(1);
+  SolveOutputs r = alloc_solve_outputs(G, method);
+  if (B == 0) return {r.M, r.cos, r.w, r.phi};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, G.scalar_type(), "gradharmony_solve_cuda", [&] {
+    using acc_t = acc_of<scalar_t>;
+    int64_t nchunks = 1;
+    at::Tensor part = gram_partials<scalar_t>(G, nchunks);
+    solve_kernel<acc_t><<<(B + 127) / 128, 128, 0, at::cuda::getCurrentCUDAStream()>>>(
+        part.data_ptr<acc_t>(), B, (int)K, nchunks, (int)method,
+        in.order.defined() ? in.order.data_ptr<int64_t>() : nullptr,
+        in.target.defined() ? in.target.data_ptr<acc_t>() : nullptr, r.M.data_ptr<acc_t>(),
+        r.cos.data_ptr<acc_t>(), r.w.data_ptr<acc_t>(),
+        method == kGradVac ? r.phi.data_ptr<acc_t>() : nullptr);
+    GH_CHECK_LAUNCH();
+  });
+  return {r.M, r.cos, r.w, r.phi};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_cuda(
+    const at::Tensor& G_in, int64_t method, const c10::optional<at::Tensor>& order,
+    const c10::optional<at::Tensor>& target, int64_t reduction) {
+  const c10::cuda::CUDAGuard guard(G_in.device());
+  const at::Tensor G = G_in.contiguous();
+  check_reduction(reduction, "fused");
+  const SolveInputs in = prepare_solve(G, method, order, target, "fused");
   const int64_t B = G.size(0), K = G.size(1), D = G.size(2);
   const auto aopt = G.options().dtype(acc_type(G.scalar_type()));
-  at::Tensor M = at::empty({B, K, K}, aopt);
-  at::Tensor cos = at::empty({B, K, K}, aopt);
-  at::Tensor w = at::empty({B, K}, aopt);
-  at::Tensor phi = method == kGradVac ? at::empty({B, K, K}, aopt) : at::empty({0}, aopt);
+  SolveOutputs r = alloc_solve_outputs(G, method);
+  at::Tensor &M = r.M, &cos = r.cos, &w = r.w, &phi = r.phi;
   at::Tensor out = reduction == kNone ? at::empty({B, D}, G.options()) : at::zeros({D}, G.options());
   if (B == 0) return {out, M, cos, w, phi};
   auto stream = at::cuda::getCurrentCUDAStream();
@@ -174,7 +194,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_cud
     const cuda_t* g = reinterpret_cast<const cuda_t*>(G.data_ptr<scalar_t>());
     const int64_t* op = in.order.defined() ? in.order.data_ptr<int64_t>() : nullptr;
     const acc_t* tp = in.target.defined() ? in.target.data_ptr<acc_t>() : nullptr;
-    const acc_t* sp = in.sample_weight.defined() ? in.sample_weight.data_ptr<acc_t>() : nullptr;
     acc_t* pp = method == kGradVac ? phi.data_ptr<acc_t>() : nullptr;
     if (D <= small_max_d<acc_t>()) {
       // one launch: gram + solve + combine per sample
@@ -196,7 +215,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_cud
       const size_t smem = sum ? D * sizeof(acc_t) : 0;
       GH_DISPATCH_K(K, [&] {
         fused_small_kernel<cuda_t, acc_t, KC><<<grid, kThreads, smem, stream>>>(
-            g, B, D, (int)method, op, tp, sp, M.data_ptr<acc_t>(), cos.data_ptr<acc_t>(),
+            g, B, D, (int)method, op, tp, M.data_ptr<acc_t>(), cos.data_ptr<acc_t>(),
             w.data_ptr<acc_t>(), pp, sum ? nullptr : reinterpret_cast<cuda_t*>(out.data_ptr<scalar_t>()),
             acc_ptr);
       });
@@ -208,7 +227,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_cud
     int64_t nchunks = 1;
     at::Tensor part = gram_partials<scalar_t>(G, nchunks);
     solve_kernel<acc_t><<<(B + 127) / 128, 128, 0, stream>>>(
-        part.data_ptr<acc_t>(), B, (int)K, nchunks, (int)method, op, tp, sp, M.data_ptr<acc_t>(),
+        part.data_ptr<acc_t>(), B, (int)K, nchunks, (int)method, op, tp, M.data_ptr<acc_t>(),
         cos.data_ptr<acc_t>(), w.data_ptr<acc_t>(), pp);
     GH_CHECK_LAUNCH();
     combine_launch<scalar_t>(G, w, reduction, out);
@@ -222,5 +241,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_cud
 TORCH_LIBRARY_IMPL(gradharmony, CUDA, m) {
   m.impl("gram", &gradharmony::gram_cuda);
   m.impl("combine", &gradharmony::combine_cuda);
+  m.impl("solve", &gradharmony::solve_cuda);
   m.impl("fused", &gradharmony::fused_cuda);
 }

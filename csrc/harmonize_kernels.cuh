@@ -154,7 +154,7 @@ template <typename scalar_t, typename acc_t, int K>
 __global__ void __launch_bounds__(kThreads)
 fused_small_kernel(const scalar_t* __restrict__ G, int64_t B, int64_t D, int method,
                    const int64_t* __restrict__ order, const acc_t* __restrict__ target,
-                   const acc_t* __restrict__ sw, acc_t* __restrict__ Mo, acc_t* __restrict__ coso,
+                   acc_t* __restrict__ Mo, acc_t* __restrict__ coso,
                    acc_t* __restrict__ wo, acc_t* __restrict__ phio, scalar_t* __restrict__ out,
                    acc_t* __restrict__ out_acc) {
   constexpr int P = K * (K + 1) / 2;
@@ -198,7 +198,7 @@ fused_small_kernel(const scalar_t* __restrict__ G, int64_t B, int64_t D, int met
     }
     __syncthreads();
     if (threadIdx.x < K) {
-      const acc_t wk = weight_from_rows(Cs, K, (int)threadIdx.x, sw ? sw[b] : acc_t(1));
+      const acc_t wk = weight_from_rows(Cs, K, (int)threadIdx.x);
       ws[threadIdx.x] = wk;
       wo[b * K + threadIdx.x] = wk;
     }
@@ -304,7 +304,7 @@ gram_partial_pair_kernel(const scalar_t* __restrict__ G, int K, int64_t D, int64
 template <typename acc_t>
 __global__ void solve_kernel(const acc_t* __restrict__ part, int64_t B, int K, int64_t nchunks,
                              int method, const int64_t* __restrict__ order,
-                             const acc_t* __restrict__ target, const acc_t* __restrict__ sw,
+                             const acc_t* __restrict__ target,
                              acc_t* __restrict__ Mo, acc_t* __restrict__ coso,
                              acc_t* __restrict__ wo, acc_t* __restrict__ phio) {
   const int64_t b = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
@@ -323,7 +323,7 @@ __global__ void solve_kernel(const acc_t* __restrict__ part, int64_t B, int K, i
   acc_t Ml[kMaxFusedK * kMaxFusedK];
   for (int i = 0; i < K * K; ++i) Ml[i] = M[i];
   solve_sample<acc_t>(Ml, K, method, order ? order + b * K * K : nullptr, target,
-                      sw ? sw[b] : acc_t(1), coso + b * K * K, wo + b * K,
+                      coso + b * K * K, wo + b * K,
                       phio ? phio + b * K * K : nullptr);
 }
 

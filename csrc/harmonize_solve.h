@@ -18,7 +18,9 @@
 
 namespace gradharmony {
 
-constexpr int kMaxFusedK = 8;  // must match FUSED_MAX_K in gradharmony/engine/backends.py
+// Largest K of the fused / solve kernels. The Python side reads this value from here
+// (gradharmony/kernels/spec.py, FUSED_MAX_K; tests/kernels/test_spec.py checks both agree).
+constexpr int kMaxFusedK = 8;
 
 enum Method : int { kSum = 0, kPCGrad = 1, kGradVac = 2 };
 enum Reduction : int { kNone = 0, kReduceSum = 1 };
@@ -124,26 +126,26 @@ GH_HD void solve_row(const T* M, int K, int method, const int64_t* order, const 
   }
 }
 
-// w_k = (sum_i C_ik) * sw, summed in order i = 0..K-1. C: K x K row-major.
+// w_k = sum_i C_ik, summed in order i = 0..K-1. C: K x K row-major.
 template <typename T>
-GH_HD T weight_from_rows(const T* C, int K, int k, T sw) {
+GH_HD T weight_from_rows(const T* C, int K, int k) {
   T s = T(0);
   for (int i = 0; i < K; ++i) s += C[i * K + k];
-  return s * sw;
+  return s;
 }
 
-// The whole per-sample solve: cos (K*K), w (K, times sample weight sw), phi (K*K, gradvac only;
-// may be null otherwise). K <= kMaxFusedK.
+// The whole per-sample solve: cos (K*K), w (K), phi (K*K, gradvac only; may be null otherwise).
+// K <= kMaxFusedK.
 template <typename T>
 GH_HD void solve_sample(const T* M, int K, int method, const int64_t* order, const T* target,
-                        T sw, T* cos, T* w, T* phi) {
+                        T* cos, T* w, T* phi) {
   cosine_matrix(M, K, cos);
   T C[kMaxFusedK * kMaxFusedK];
   T phi_dummy[kMaxFusedK];
   for (int i = 0; i < K; ++i)
     solve_row(M, K, method, order, target, i, C + i * K,
               method == kGradVac ? phi + i * K : phi_dummy);
-  for (int k = 0; k < K; ++k) w[k] = weight_from_rows(C, K, k, sw);
+  for (int k = 0; k < K; ++k) w[k] = weight_from_rows(C, K, k);
 }
 
 }  // namespace gradharmony

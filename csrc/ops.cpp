@@ -2,8 +2,10 @@
 //
 //   gradharmony::gram(Tensor G) -> Tensor                         M = G G^T per sample
 //   gradharmony::combine(Tensor G, Tensor w, int reduction)        out_b = w_b^T G_b (0: none, 1: sum)
+//   gradharmony::solve(Tensor G, int method, Tensor? order, Tensor? target) -> (M, cos, w, phi)
+//                                                                  gram + per-sample solve
 //   gradharmony::fused(Tensor G, int method, Tensor? order, Tensor? target,
-//                      Tensor? sample_weight, int reduction) -> (out, M, cos, w, phi)
+//                      int reduction) -> (out, M, cos, w, phi)      gram + solve + combine
 //
 // Semantics: gradharmony/engine/reference.py. phi is an empty (0,) tensor unless method == 2.
 #include <Python.h>
@@ -12,9 +14,10 @@
 TORCH_LIBRARY(gradharmony, m) {
   m.def("gram(Tensor G) -> Tensor");
   m.def("combine(Tensor G, Tensor w, int reduction) -> Tensor");
+  m.def("solve(Tensor G, int method, Tensor? order, Tensor? target) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
-      "fused(Tensor G, int method, Tensor? order, Tensor? target, Tensor? sample_weight, "
-      "int reduction) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "fused(Tensor G, int method, Tensor? order, Tensor? target, int reduction) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 // `import gradharmony._C` (prebuilt by setup.py) only has to load this library: the ops

@@ -12,12 +12,17 @@ import os
 import shutil
 import subprocess
 import sys
-import zlib
 
 import pytest
 import torch
 
+from _helpers import assert_within_2x, eps, fresh_seed
+from _helpers import check_fused as _check_fused
+from _helpers import check_solve as _check_solve
+from _helpers import make_inputs as _make_inputs
+
 from gradharmony.engine import reference as R
+from gradharmony.kernels import build_flags
 
 ext = pytest.importorskip("gradharmony.kernels.ext")
 
@@ -37,81 +42,22 @@ def ops():
     return torch.ops.gradharmony
 
 
-def _seed(*key) -> int:
-    env = os.environ.get("GRADHARMONY_TEST_SEED")
-    base = int(env) if env else int.from_bytes(os.urandom(4), "little")
-    return (base + zlib.crc32(repr(key).encode())) % (2**31)
-
-
-def _eps(dtype: torch.dtype) -> float:
-    return torch.finfo(dtype).eps
+_seed = fresh_seed
+_eps = eps
+_assert_2x = assert_within_2x
 
 
 def make_inputs(B, K, D, dtype, device, scale, seed, zero_rows=True):
-    """G (B, K, D) with some zero rows / samples, random orders, targets, sample weights."""
-    gen = torch.Generator().manual_seed(seed)
-    G = torch.randn(B, K, D, generator=gen, dtype=torch.float64) * scale
-    if zero_rows and B * K > 2:
-        mask = torch.rand(B, K, generator=gen) < 0.15
-        G[mask] = 0
-        if B > 2:
-            G[1] = 0  # one all-zero sample
-    G = G.to(dtype).to(device)
-    order = torch.stack(
-        [torch.stack([torch.randperm(K, generator=gen) for _ in range(K)]) for _ in range(B)]
-    ).to(device)
-    target = (torch.rand(K, K, generator=gen) - 0.5).to(device)
-    sw = (torch.rand(B, generator=gen) * 2).to(device)
-    return G, order, target, sw
+    """(G, order, target) of :func:`_helpers.make_inputs`."""
+    return _make_inputs(B, K, D, dtype, device, scale, seed, zero_rows)[:3]
 
 
-def _assert_2x(name, got, ref, oracle, atol, info):
-    got, ref, oracle = (x.detach().double().cpu() for x in (got, ref, oracle))
-    assert got.shape == ref.shape, f"{name}: shape {tuple(got.shape)} != {tuple(ref.shape)} ({info})"
-    assert torch.isfinite(got).all(), f"{name}: non-finite output ({info})"
-    err = (got - oracle).abs()
-    err_ref = (ref - oracle).abs().max().item() if ref.numel() else 0.0
-    bound = 2 * err_ref + atol
-    bad = err > bound
-    if bad.any():
-        idx = bad.nonzero()[:5].tolist()
-        rows = [(i, got[tuple(i)].item(), ref[tuple(i)].item(), oracle[tuple(i)].item()) for i in idx]
-        raise AssertionError(
-            f"{name}: max err {err.max().item():.3e} > 2 * ref err {err_ref:.3e} + {atol:.1e} "
-            f"({info}); first mismatches (index, got, ref, oracle): {rows}"
-        )
-
-
-def check_fused(op_out, G, method, order, target, sw, reduction, info):
-    """Compare the op's (out, M, cos, w, phi) with the reference (same dtype) and a float64 oracle."""
-    out, M, cos, w, phi = op_out
-    ref = R.fused(G, method, order, target, sw, reduction)
-    orc = R.fused(G.double(), method, order, target, None if sw is None else sw.double(), reduction)
-    acc = R.acc_dtype(G.dtype)
-    B, K, D = G.shape
-    assert out.dtype == G.dtype and M.dtype == acc and cos.dtype == acc and w.dtype == acc, info
-    if method == 2:
-        assert phi is not None and phi.dtype == acc and phi.shape == (B, K, K), info
-    eps_a = _eps(acc)
-    norms = orc[1].diagonal(dim1=1, dim2=2).clamp_min(0).sqrt()  # (B, K)
-    _assert_2x("M", M, ref[1], orc[1], 8 * eps_a * max(D, 1) ** 0.5 * (norms.max().item() ** 2), info)
-    _assert_2x("cos", cos, ref[2], orc[2], 64 * eps_a, info)
-    # w acts through w_k g_k: compare it weighted by the row norms (scale- and rank-robust)
-    nmax = norms.amax(1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
-    sc = norms / nmax
-    # D == 1 (all gradients collinear): GradVac sees cosines of exactly +-1 up to rounding and
-    # sqrt(1 - phi^2) turns an eps difference into sqrt(eps); the rule itself is that sensitive.
-    ill = method == 2 and D == 1
-    tol_w = 1e2 * eps_a ** 0.5 if ill else 1e3 * eps_a
-    _assert_2x("w*|g|", w.double().cpu() * sc.cpu(), ref[3].double().cpu() * sc.cpu(),
-               orc[3].double().cpu() * sc.cpu(), tol_w, info)
-    if method == 2 and not (D == 1 and K >= 3):  # D == 1: phi after a full projection is ~0/0
-        _assert_2x("phi", phi, ref[4], orc[4], 1e3 * eps_a, info)
-    scale_out = torch.einsum("bk,bkd->bd", orc[3].abs(), G.double().abs())
-    if reduction == "sum":
-        scale_out = scale_out.sum(0)
-    atol_out = (4 * _eps(G.dtype) + (K * tol_w if ill else 64 * eps_a)) * scale_out.max().item()
-    _assert_2x("out", out, ref[0], orc[0], atol_out + 1e-300, info)
+def check_fused(op_out, G, method, order, target, reduction, info, solve_out=None):
+    """The raw fused op's (out, M, cos, w, phi) and, with ``solve_out``, the raw solve op's
+    (M, cos, w, phi) vs the reference and a float64 oracle (tests/_helpers.py)."""
+    _check_fused(op_out, G, method, order, target, reduction, info)
+    if solve_out is not None:
+        _check_solve(*solve_out, G, method, order, target, f"solve op: {info}")
 
 
 # ----------------------------------------------------------------------------- the table
@@ -140,23 +86,22 @@ def _table(ds=DS):
 
 def _run_table(ops, device, dtype, B, K, D, scale):
     seed = _seed(device, dtype, B, K, D, scale)
-    G, order, target, sw = make_inputs(B, K, D, dtype, device, scale, seed)
+    G, order, target = make_inputs(B, K, D, dtype, device, scale, seed)
     for method in (0, 1, 2):
         for red_id, reduction in enumerate(REDUCTIONS):
             use_order = order if (method + red_id) % 3 else None
-            use_sw = sw if (method + red_id) % 2 else None
             tgt = target if method == 2 else None
             info = (f"seed={seed} device={device} dtype={dtype} B={B} K={K} D={D} scale={scale:g} "
-                    f"method={method} reduction={reduction} order={'rand' if use_order is not None else None} "
-                    f"sw={'rand' if use_sw is not None else None}")
-            res = ops.fused(G, method, use_order, tgt, use_sw, red_id)
+                    f"method={method} reduction={reduction} order={'rand' if use_order is not None else None}")
+            res = ops.fused(G, method, use_order, tgt, red_id)
+            sol = ops.solve(G, method, use_order, tgt) if red_id == 0 else None
+            if sol is not None:
+                sol = sol[:3] + ((sol[3] if method == 2 else None),)
             check_fused(res[:4] + ((res[4] if method == 2 else None),), G, method, use_order, tgt,
-                        use_sw, reduction, info)
+                        reduction, info, solve_out=sol)
 
 
-@pytest.mark.parametrize("dtype,B,K,D,scale", _table())
-def test_fused_cpu_table(ops, dtype, B, K, D, scale):
-    _run_table(ops, "cpu", dtype, B, K, D, scale)
+# the generic table of every op on the cpp backend: tests/test_{gram,combine,solve,fused}.py
 
 
 @pytest.mark.parametrize("K", range(1, 9))
@@ -197,7 +142,7 @@ def test_cpu_large_outputs_get_huge_page_hint(ops, op):
     """Outputs of 8 MiB and more are madvise(MADV_HUGEPAGE)d before the kernel writes them
     (VmFlags 'hg' on their pages)."""
     G = torch.randn(40, 2, 70001)  # output 11 MiB
-    out = ops.fused(G, 1, None, None, None, 0)[0] if op == "fused" else ops.combine(G, torch.randn(40, 2), 0)
+    out = ops.fused(G, 1, None, None, 0)[0] if op == "fused" else ops.combine(G, torch.randn(40, 2), 0)
     flags = _vm_flags(out.data_ptr() + out.nbytes // 2)
     assert flags is not None and "hg" in flags, flags
 
@@ -212,34 +157,17 @@ def test_cpu_outputs_over_huge_page_threshold(ops):
                                rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("B,K,D", [(1, 1, 1), (3, 2, 7), (37, 5, 1000), (2, 9, 4099), (4, 12, 70001)])
-def test_gram_combine_cpu(ops, dtype, B, K, D):
-    seed = _seed("gc", dtype, B, K, D)
-    G, _, _, sw = make_inputs(B, K, D, dtype, "cpu", 1.0, seed)
-    info = f"seed={seed} dtype={dtype} B={B} K={K} D={D}"
-    Go = G.double()
-    norms = R.gram(Go).diagonal(dim1=1, dim2=2).sqrt()
-    _assert_2x("gram", ops.gram(G), R.gram(G), R.gram(Go), 8 * _eps(R.acc_dtype(dtype)) * max(D, 1) ** 0.5 * norms.max().item() ** 2, info)
-    w = torch.randn(B, K, generator=torch.Generator().manual_seed(seed))
-    for red_id, red in enumerate(REDUCTIONS):
-        scale = torch.einsum("bk,bkd->bd", w.double().abs(), Go.abs())
-        scale = scale.sum(0) if red == "sum" else scale
-        _assert_2x(f"combine[{red}]", ops.combine(G, w, red_id), R.combine(G, w, red),
-                   R.combine(Go, w.double(), red), 4 * _eps(dtype) * scale.max().item() + 1e-300, info)
-
-
 def test_empty_and_degenerate(ops):
     for dtype in (torch.float32, torch.float16):
         G = torch.zeros(0, 3, 5, dtype=dtype)
-        out, M, cos, w, phi = ops.fused(G, 2, None, torch.zeros(3, 3), None, 1)
+        out, M, cos, w, phi = ops.fused(G, 2, None, torch.zeros(3, 3), 1)
         assert out.shape == (5,) and (out == 0).all() and M.shape == (0, 3, 3)
         G = torch.zeros(2, 3, 0, dtype=dtype)
-        out, M, cos, w, phi = ops.fused(G, 1, None, None, None, 0)
+        out, M, cos, w, phi = ops.fused(G, 1, None, None, 0)
         assert out.shape == (2, 0) and (M == 0).all() and (cos == 0).all() and (w == 1).all()
         G = torch.zeros(4, 3, 100, dtype=dtype)  # all zero: cos 0, never projected, no NaN
         for m in (0, 1, 2):
-            out, M, cos, w, phi = ops.fused(G, m, None, torch.full((3, 3), 0.5), None, 0)
+            out, M, cos, w, phi = ops.fused(G, m, None, torch.full((3, 3), 0.5), 0)
             assert (cos == 0).all() and (w == 1).all() and (out == 0).all()
             if m == 2:
                 assert (phi == 0).all()
@@ -249,10 +177,10 @@ def test_no_nan_extreme_scales(ops):
     """Finite input whose squares do not overflow never gives NaN/inf (incl. subnormal squares)."""
     for scale in (1e-30, 1e-20, 1e-5, 1e5, 1e17):
         seed = _seed("scale", scale)
-        G, order, target, sw = make_inputs(7, 4, 513, torch.float32, "cpu", scale, seed)
+        G, order, target = make_inputs(7, 4, 513, torch.float32, "cpu", scale, seed)
         for m in (0, 1, 2):
             for red in (0, 1):
-                res = ops.fused(G, m, order, target, sw, red)
+                res = ops.fused(G, m, order, target, red)
                 for name, t in zip(("out", "M", "cos", "w", "phi"), res):
                     assert torch.isfinite(t).all(), f"{name} non-finite seed={seed} scale={scale} m={m}"
 
@@ -260,11 +188,19 @@ def test_no_nan_extreme_scales(ops):
 def test_input_errors(ops):
     G = torch.randn(2, 3, 10)
     with pytest.raises(RuntimeError, match="order"):
-        ops.fused(G, 1, torch.full((2, 3, 3), 3), None, None, 0)
+        ops.fused(G, 1, torch.full((2, 3, 3), 3), None, 0)
+    with pytest.raises(RuntimeError, match="solve: order"):
+        ops.solve(G, 1, torch.full((2, 3, 3), 3), None)
     with pytest.raises(RuntimeError, match="target"):
-        ops.fused(G, 2, None, None, None, 0)
+        ops.fused(G, 2, None, None, 0)
+    with pytest.raises(RuntimeError, match="solve: gradvac needs"):
+        ops.solve(G, 2, None, None)
     with pytest.raises(RuntimeError, match="K must be"):
-        ops.fused(torch.randn(2, 9, 10), 0, None, None, None, 0)
+        ops.fused(torch.randn(2, 9, 10), 0, None, None, 0)
+    with pytest.raises(RuntimeError, match="solve: K must be"):
+        ops.solve(torch.randn(2, 9, 10), 0, None, None)
+    with pytest.raises(RuntimeError, match="unknown method"):
+        ops.solve(G, 3, None, None)
     with pytest.raises(RuntimeError, match="reduction"):
         ops.combine(G, torch.ones(2, 3), 2)
     with pytest.raises(RuntimeError, match="dtype"):
@@ -273,32 +209,29 @@ def test_input_errors(ops):
 
 @pytest.mark.parametrize("B,K,D", [(64, 2, 1000), (5, 5, 33), (3, 8, 100), (4, 2, 3000)])
 def test_curriculum_path_matches_reference(ops, B, K, D, monkeypatch):
-    """A kernel rule under a curriculum: short rows are solved inside the fused kernel,
-    long ones (4 x 2 x 3000: 24 KiB rows) by gram + the reference solve; both match the
-    torch backend over several steps (GradVac's EMA target and the curriculum state move)."""
+    """A kernel rule under a curriculum runs the backend's solve op (gram + in-kernel solve,
+    no combine) then one weighted combine, never a fused call whose output is thrown away;
+    it matches the torch backend over several steps (GradVac's EMA target and the curriculum
+    state move)."""
     import gradharmony as gh
-    from gradharmony.engine import core
-    from gradharmony.kernels import ext
+    from gradharmony.engine.backend_ext import CppBackend
 
-    G = torch.randn(B, K, D) * torch.logspace(-1, 1, K).unsqueeze(-1)
-    short = K * D * 4 <= core.SOLVE_IN_KERNEL_MAX_ROW_BYTES["cpu"]
-    assert core._solve_in_kernel("cpp", G) == short
-    calls = []  # which path ran: fused (short rows) or gram (long rows)
-    for op in ("fused", "gram"):
-        inner = getattr(ext.CppBackend, op)
-        monkeypatch.setattr(ext.CppBackend, op,
+    calls = []  # which ops ran
+    for op in ("fused", "solve", "gram", "combine"):
+        inner = getattr(CppBackend, op)
+        monkeypatch.setattr(CppBackend, op,
                             lambda self, *a, _op=op, _inner=inner: calls.append(_op) or _inner(self, *a))
     for make in (lambda: gh.PCGrad(seed=3), lambda: gh.GradVac(seed=4, beta=0.5), lambda: "sum"):
         rules, curricula = (make(), make()), (gh.ConflictCurriculum(start=0.6), gh.ConflictCurriculum(start=0.6))
         for step in range(3):
-            G = torch.randn(B, K, D)
+            G = torch.randn(B, K, D) * torch.logspace(-1, 1, K).unsqueeze(-1)
             a, b = (gh.harmonize(G, r, backend=be, curriculum=c, reduction=red)
                     for r, c, be, red in zip(rules, curricula, ("cpp", "torch"), ("none", "none")))
             for name in ("cos", "weights", "grad"):
                 torch.testing.assert_close(getattr(a, name), getattr(b, name), rtol=1e-4, atol=1e-5,
                                            msg=lambda m: f"{name} step {step} {make()}: {m}")
             assert a.backend == "cpp"
-            assert calls == ["fused" if short else "gram"], calls
+            assert calls == ["solve", "combine"], calls
             calls.clear()
             for c in curricula:
                 c.step()
@@ -310,13 +243,11 @@ def test_curriculum_path_repair_and_nonfinite_match_reference(ops, nonfinite):
     scales 1e-20..1e20 (re-solved on a rescaled Gram) and a NaN sample under each policy give
     the torch backend's cosines, weights and output."""
     import gradharmony as gh
-    from gradharmony.engine import core
 
     B, K, D = 7, 3, 50
     scale = torch.tensor([1e-20, 1e-10, 1.0, 1e10, 1e20, 1e-17, 3.0]).view(B, 1, 1)
     G = (torch.randn(B, K, D, dtype=torch.float64) * scale).float()
     G[6, 1, 4] = float("nan")
-    assert core._solve_in_kernel("cpp", G)
     for make in (lambda: gh.PCGrad(seed=5), lambda: gh.GradVac(seed=6, beta=0.5)):
         res = []
         for be in ("cpp", "torch"):
@@ -324,7 +255,10 @@ def test_curriculum_path_repair_and_nonfinite_match_reference(ops, nonfinite):
             res.append([gh.harmonize(G, rule, backend=be, curriculum=cur, nonfinite=nonfinite) for _ in range(2)])
         for a, b in zip(*res):
             for name in ("cos", "weights", "grad"):
-                torch.testing.assert_close(getattr(a, name), getattr(b, name), rtol=1e-4, atol=0, equal_nan=True,
+                # cosines lie in [-1, 1]: an absolute float32 tolerance (a near-orthogonal pair's
+                # cosine has no relative accuracy); weights and outputs span 1e-20..1e20: relative
+                torch.testing.assert_close(getattr(a, name), getattr(b, name), rtol=1e-4,
+                                           atol=1e-6 if name == "cos" else 0, equal_nan=True,
                                            msg=lambda m: f"{name} {nonfinite}: {m}")
             assert torch.isfinite(a.weights[:6]).all() and torch.isfinite(a.cos[:6]).all()
 
@@ -357,12 +291,17 @@ def test_auto_fallback_warns_once_naming_every_missing_backend(monkeypatch):
 
 
 def test_backend_protocol(ops):
-    be = ext.CppBackend()
+    from gradharmony.engine.backend_ext import CppBackend
+
+    be = CppBackend()
     assert be.name == "cpp" and be.supports(torch.randn(2, 2, 3)) and not be.supports(torch.zeros(2, 2, 3, dtype=torch.int64))
     G = torch.randn(4, 3, 50)
-    out, M, cos, w, phi = be.fused(G, 1, None, None, None, "none")
-    assert phi is None and out.shape == (4, 50)
-    assert be.fused(G, 2, None, torch.zeros(3, 3), None, "sum")[4].shape == (4, 3, 3)
+    res = be.fused(G, 1, None, None, "none")
+    out, M, cos, w, phi = res
+    assert phi is None and out.shape == (4, 50) and res.weights is w and res.gram is M
+    assert be.fused(G, 2, None, torch.zeros(3, 3), "sum").phi.shape == (4, 3, 3)
+    sol = be.solve(G, 2, None, torch.zeros(3, 3))
+    assert sol.phi.shape == (4, 3, 3) and be.solve(G, 1, None, None).phi is None
     torch.testing.assert_close(be.gram(G), R.gram(G))
     torch.testing.assert_close(be.combine(G, w, "sum"), R.combine(G, w, "sum"))
 
@@ -373,13 +312,15 @@ def test_opcheck(ops):
     torch.library.opcheck(ops.gram.default, (G,))
     torch.library.opcheck(ops.combine.default, (G, torch.rand(3, 3), 0))
     torch.library.opcheck(ops.combine.default, (G, torch.rand(3, 3), 1))
-    torch.library.opcheck(ops.fused.default, (G, 1, order, None, torch.rand(3), 0))
-    torch.library.opcheck(ops.fused.default, (G.half(), 2, order, torch.zeros(3, 3), None, 1))
+    torch.library.opcheck(ops.fused.default, (G, 1, order, None, 0))
+    torch.library.opcheck(ops.fused.default, (G.half(), 2, order, torch.zeros(3, 3), 1))
+    torch.library.opcheck(ops.solve.default, (G, 1, order, None))
+    torch.library.opcheck(ops.solve.default, (G.half(), 2, order, torch.zeros(3, 3)))
 
 
 def test_torch_compile_fullgraph(ops):
     def f(G, order):
-        out, M, cos, w, phi = torch.ops.gradharmony.fused(G, 1, order, None, None, 0)
+        out, M, cos, w, phi = torch.ops.gradharmony.fused(G, 1, order, None, 0)
         return out * 2 + 1, cos.sum()
 
     G = torch.randn(5, 2, 64)
@@ -394,7 +335,7 @@ def test_torch_compile_fullgraph(ops):
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
 def test_cuda_kernels_compile(tmp_path):
     """The CUDA kernels (every dtype and K, via the standalone self-test) compile with nvcc."""
-    cmd = ["nvcc", "-c", "-arch=sm_90", "-std=c++17", "--expt-relaxed-constexpr", "-I", CSRC,
+    cmd = ["nvcc", "-c", "-arch=sm_90", *build_flags.NVCC_FLAGS, "-I", CSRC,
            os.path.join(CSRC, "cuda_selftest.cu"), "-o", str(tmp_path / "selftest.o")]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-4000:]
@@ -428,7 +369,7 @@ def test_cuda_ops_compile(tmp_path):
     from torch.utils.cpp_extension import include_paths
 
     _cuda_glue_stubs(tmp_path)
-    cmd = ["nvcc", "-c", "-arch=sm_90", "-std=c++17", "--expt-relaxed-constexpr",
+    cmd = ["nvcc", "-c", "-arch=sm_90", *build_flags.NVCC_FLAGS,
            "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE", "-DTORCH_API_INCLUDE_EXTENSION_H", "-I", CSRC,
            "-isystem", str(tmp_path)]
     for inc in include_paths() + [sysconfig.get_paths()["include"]]:
@@ -531,7 +472,7 @@ def test_fused_cuda_every_k(cuda_ops, K, D):
 @pytest.mark.parametrize("B,K,D", [(1, 1, 1), (3, 2, 7), (37, 5, 1000), (2, 9, 4099), (300, 3, 4096), (4, 12, 70001)])
 def test_gram_combine_cuda(cuda_ops, dtype, B, K, D):
     seed = _seed("gc-cuda", dtype, B, K, D)
-    G, _, _, _ = make_inputs(B, K, D, dtype, "cuda", 1.0, seed)
+    G, _, _ = make_inputs(B, K, D, dtype, "cuda", 1.0, seed)
     info = f"seed={seed} dtype={dtype} B={B} K={K} D={D}"
     Go = G.double()
     norms = R.gram(Go).diagonal(dim1=1, dim2=2).sqrt()
@@ -547,12 +488,16 @@ def test_gram_combine_cuda(cuda_ops, dtype, B, K, D):
 @gpu
 @needs_cuda
 def test_cuda_backend_and_compile(cuda_ops):
-    be = ext.CudaBackend()
+    from gradharmony.engine.backend_ext import CudaBackend
+
+    be = CudaBackend()
     G = torch.randn(8, 3, 1000, device="cuda")
     assert be.supports(G) and not be.supports(G.cpu())
-    out, M, cos, w, phi = be.fused(G, 1, None, None, None, "sum")
+    out, M, cos, w, phi = be.fused(G, 1, None, None, "sum")
     assert phi is None and out.shape == (1000,)
-    torch.library.opcheck(torch.ops.gradharmony.fused.default, (G, 2, None, torch.zeros(3, 3, device="cuda"), None, 0))
-    cf = torch.compile(lambda G: torch.ops.gradharmony.fused(G, 1, None, None, None, 0)[0] + 1,
+    assert be.solve(G, 2, None, torch.zeros(3, 3, device="cuda")).phi.shape == (8, 3, 3)
+    torch.library.opcheck(torch.ops.gradharmony.fused.default, (G, 2, None, torch.zeros(3, 3, device="cuda"), 0))
+    torch.library.opcheck(torch.ops.gradharmony.solve.default, (G, 2, None, torch.zeros(3, 3, device="cuda")))
+    cf = torch.compile(lambda G: torch.ops.gradharmony.fused(G, 1, None, None, 0)[0] + 1,
                        fullgraph=True, backend="aot_eager")
-    torch.testing.assert_close(cf(G), torch.ops.gradharmony.fused(G, 1, None, None, None, 0)[0] + 1)
+    torch.testing.assert_close(cf(G), torch.ops.gradharmony.fused(G, 1, None, None, 0)[0] + 1)

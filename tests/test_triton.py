@@ -1,4 +1,4 @@
-"""Triton kernels (gradharmony/kernels/triton_harmonize.py) vs the pure-PyTorch reference.
+"""Triton kernels (gradharmony/kernels/triton_*.py) vs the pure-PyTorch reference.
 
 Without a CUDA GPU the kernels run on CPU tensors under the Triton interpreter
 (``TRITON_INTERPRET=1``, set below before triton is imported): shapes stay small.
@@ -25,14 +25,19 @@ import pytest  # noqa: E402
 triton = pytest.importorskip("triton")
 
 from gradharmony.engine import reference  # noqa: E402
+from gradharmony.kernels import triton_gram  # noqa: E402
 from gradharmony.kernels import triton_harmonize as th  # noqa: E402
+from gradharmony.kernels import triton_launch as TL  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 if INTERPRET:
     from triton.runtime.interpreter import InterpretedFunction
-if INTERPRET and not isinstance(th._gram_kernel, InterpretedFunction):
+if INTERPRET and not isinstance(triton_gram._gram_kernel, InterpretedFunction):
     # imported earlier (by another test module) before TRITON_INTERPRET was set
-    th = importlib.reload(th)
+    from gradharmony.kernels import triton_combine, triton_fused, triton_solve
+
+    for _mod in (TL, triton_gram, triton_solve, triton_combine, triton_fused, th):
+        importlib.reload(_mod)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu" and not INTERPRET:
@@ -73,7 +78,6 @@ class Inputs:
             [torch.stack([torch.randperm(K, generator=gen) for _ in range(K)]) for _ in range(B)]
         ).to(DEVICE)
         self.target = (torch.rand(K, K, generator=gen) * 1.1 - 0.3).to(DEVICE)  # in [-0.3, 0.8]
-        self.sw = (torch.rand(B, generator=gen, dtype=torch.float64) * 2).to(DEVICE)
         self.w = (torch.randn(B, K, generator=gen) * 2).to(DEVICE)
         self.tag = f"seed={self.seed} B={B} K={K} D={D} dtype={dtype} scale={scale:g}"
 
@@ -102,10 +106,10 @@ def _assert_close(actual, expected, rtol, what, tag, atol=0.0, scale=None):
 @pytest.fixture
 def tiny_blocks(monkeypatch):
     """Block sizes small enough that the looping / multi-chunk code runs on tiny D."""
-    monkeypatch.setattr(th, "_BLOCK_OVERRIDE", 16)  # BLOCK_D = 16 everywhere
-    monkeypatch.setattr(th, "_CHUNK", 48)  # several Gram / combine chunks per row
-    monkeypatch.setattr(th, "_MIN_PROGRAMS", 8)
-    monkeypatch.setattr(th, "_MIN_SUM_PROGRAMS", 2)  # several samples per program
+    monkeypatch.setattr(TL, "_BLOCK_OVERRIDE", 16)  # BLOCK_D = 16 everywhere
+    monkeypatch.setattr(TL, "_CHUNK", 48)  # several Gram / combine chunks per row
+    monkeypatch.setattr(TL, "_MIN_PROGRAMS", 8)
+    monkeypatch.setattr(TL, "_MIN_SUM_PROGRAMS", 2)  # several samples per program
 
 
 # (K, D) table; B cycles over {1, 3, 5}; path alternates small / large; two cases in three
@@ -129,13 +133,20 @@ def _cases():
     return out
 
 
-def _check_fused(inp: Inputs, method, path, reduction, with_sw=True, with_order=True, rtol=2e-5):
+def _check_fused(inp: Inputs, method, path, reduction, with_order=True, rtol=2e-5, solve=False):
+    """fused_forward (and, with ``solve``, solve_forward: its M, cos, w, phi) vs the reference."""
     order = inp.order if with_order else None
     target = inp.target if method == 2 else None
-    sw = inp.sw if with_sw else None
-    got = th.fused_forward(inp.G, method, order, target, sw, reduction, path=path)
-    want = reference.fused(inp.G, method, order, target, sw, reduction)
-    tag = f"{inp.tag} method={method} path={path} reduction={reduction} sw={with_sw} order={with_order}"
+    got = th.fused_forward(inp.G, method, order, target, reduction, path=path)
+    want = reference.fused(inp.G, method, order, target, reduction)
+    tag = f"{inp.tag} method={method} path={path} reduction={reduction} order={with_order}"
+    if solve:
+        _check_result((got[0], *th.solve_forward(inp.G, method, order, target)), want, inp, method,
+                      reduction, rtol, f"solve_forward {tag}")
+    _check_result(got, want, inp, method, reduction, rtol, tag)
+
+
+def _check_result(got, want, inp: Inputs, method, reduction, rtol, tag):
     out, M, cos, w, phi = got
     r_out, r_M, r_cos, r_w, r_phi = want
     assert out.dtype == inp.G.dtype and M.dtype == cos.dtype == w.dtype == torch.float32, tag
@@ -174,16 +185,16 @@ def test_fused_matches_reference(B, K, D, method, path, blocks, request):
         request.getfixturevalue("tiny_blocks")
     inp = Inputs(B, K, D)
     for reduction in ("none", "sum"):
-        _check_fused(inp, method, path, reduction)
+        _check_fused(inp, method, path, reduction, solve=reduction == "none" and path == "large")
 
 
 @pytest.mark.parametrize("path", ["small", "large"])
 @pytest.mark.parametrize("method", [0, 1, 2])
-def test_fused_defaults_and_no_sample_weight(method, path):
-    """order=None (fixed order 0..K-1), no sample weight, default block sizes."""
+def test_fused_defaults(method, path):
+    """order=None (fixed order 0..K-1), default block sizes."""
     inp = Inputs(3, 3, 100)
-    _check_fused(inp, method, path, "none", with_sw=False, with_order=False)
-    _check_fused(inp, method, path, "sum", with_sw=False, with_order=True)
+    _check_fused(inp, method, path, "none", with_order=False, solve=path == "large")
+    _check_fused(inp, method, path, "sum", with_order=True)
 
 
 @pytest.mark.parametrize("scale", [1e-20, 1e-10, 1e10, 1e15, 1e20])
@@ -213,8 +224,8 @@ def test_all_zero_and_parallel_rows(path, tiny_blocks):
     order = torch.arange(3).expand(2, 3, 3).contiguous().to(DEVICE)
     target = torch.full((3, 3), 0.5, device=DEVICE)
     for method in (0, 1, 2):
-        got = th.fused_forward(G, method, order, target, None, "none", path=path)
-        want = reference.fused(G, method, order, target, None, "none")
+        got = th.fused_forward(G, method, order, target, "none", path=path)
+        want = reference.fused(G, method, order, target, "none")
         tag = f"seed={seed} method={method} path={path}"
         assert (got[0][0] == 0).all() and (got[2][0] == 0).all(), tag
         assert (got[3][0] == 1).all(), f"a zero sample keeps w = 1 [{tag}]"
@@ -230,7 +241,7 @@ def test_all_zero_and_parallel_rows(path, tiny_blocks):
 def test_small_sum_several_samples_per_program(B, monkeypatch):
     """reduction "sum" on the one-tile small path: 2 or 3 samples per program, the last
     program partly empty."""
-    monkeypatch.setattr(th, "_MIN_SUM_PROGRAMS", 2)
+    monkeypatch.setattr(TL, "_MIN_SUM_PROGRAMS", 2)
     inp = Inputs(B, 3, 100)
     for method in (0, 1, 2):
         _check_fused(inp, method, "small", "sum")
@@ -243,12 +254,12 @@ def test_sum_deterministic_mode(tiny_blocks):
     prev = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
-        a = th.fused_forward(inp.G, 1, inp.order, None, inp.sw, "sum", path="small")[0]
-        b = th.fused_forward(inp.G, 1, inp.order, None, inp.sw, "sum", path="small")[0]
+        a = th.fused_forward(inp.G, 1, inp.order, None, "sum", path="small")[0]
+        b = th.fused_forward(inp.G, 1, inp.order, None, "sum", path="small")[0]
     finally:
         torch.use_deterministic_algorithms(prev)
     assert torch.equal(a, b), inp.tag
-    want = reference.fused(inp.G, 1, inp.order, None, inp.sw, "sum")[0]
+    want = reference.fused(inp.G, 1, inp.order, None, "sum")[0]
     _assert_close(a, want, 2e-5, "out", inp.tag)
 
 
@@ -296,9 +307,9 @@ def test_half_precision_vs_float64_oracle(dtype, K, D, path, tiny_blocks):
         target = inp.target if method == 2 else None
         for reduction in ("none", "sum"):
             tag = f"{inp.tag} method={method} path={path} reduction={reduction}"
-            got = th.fused_forward(inp.G, method, inp.order, target, inp.sw, reduction, path=path)
-            same = reference.fused(inp.G, method, inp.order, target, inp.sw, reduction)
-            oracle = reference.fused(G64, method, inp.order, target, inp.sw, reduction)
+            got = th.fused_forward(inp.G, method, inp.order, target, reduction, path=path)
+            same = reference.fused(inp.G, method, inp.order, target, reduction)
+            oracle = reference.fused(G64, method, inp.order, target, reduction)
             scale = oracle[0].abs().max().item()
             _within_2x_torch(got[0], same[0], oracle[0], "out", tag, atol=eps * scale)
             m_scale = oracle[1].abs().max().item()
@@ -321,7 +332,9 @@ def test_half_precision_vs_float64_oracle(dtype, K, D, path, tiny_blocks):
 
 
 def test_backend_protocol():
-    be = th.TritonBackend()
+    from gradharmony.engine.backend_triton import TritonBackend
+
+    be = TritonBackend()
     assert be.name == "triton"
     G = torch.randn(2, 3, 5, device=DEVICE)
     assert be.supports(G)
@@ -330,8 +343,13 @@ def test_backend_protocol():
     assert not be.supports(torch.randn(2, 9, 5, device=DEVICE))
     assert not be.supports(torch.randn(2, 5, device=DEVICE))
     assert be.supports(torch.randn(2, 8, 5, device=DEVICE))
-    out, M, cos, w, phi = be.fused(G, 0, None, None, None, "sum")
-    assert out.shape == (5,) and phi is None
+    res = be.fused(G, 0, None, None, "sum")
+    out, M, cos, w, phi = res
+    assert out.shape == (5,) and phi is None and res.weights is w
+    sol = be.solve(G, 2, None, torch.zeros(3, 3, device=DEVICE))
+    assert sol.phi.shape == (2, 3, 3) and be.solve(G, 1, None, None).phi is None
+    _assert_close(sol.weights, reference.gram_solve(G, 2, None, torch.zeros(3, 3, device=DEVICE)).weights,
+                  1e-5, "solve w", "protocol", atol=1e-6)
     _assert_close(be.gram(G), reference.gram(G), 1e-5, "gram", "protocol")
     _assert_close(be.combine(G, w, "none"), reference.combine(G, w, "none"), 1e-5, "combine", "protocol")
 
@@ -360,8 +378,8 @@ def test_launch_configs():
             if KP <= 4:
                 assert per_thread * itemsize >= 16, (KP, itemsize)  # 16-byte loads
     # large path, small B: chunks shrink so the grid still fills the GPU
-    tiles, nc = th._chunks(1, 1 << 20, 2048, th._CHUNK)
-    assert nc >= th._MIN_PROGRAMS // 2
+    tiles, nc = TL._chunks(1, 1 << 20, 2048, TL._CHUNK)
+    assert nc >= TL._MIN_PROGRAMS // 2
 
 
 def test_backend_registry_loads():
@@ -393,10 +411,14 @@ def test_empty_inputs():
     for shape in ((0, 2, 5), (3, 2, 0)):
         G = torch.randn(*shape, device=DEVICE)
         for reduction in ("none", "sum"):
-            got = th.fused_forward(G, 1, None, None, None, reduction)
-            want = reference.fused(G, 1, None, None, None, reduction)
+            got = th.fused_forward(G, 1, None, None, reduction)
+            want = reference.fused(G, 1, None, None, reduction)
             for a, e in zip(got[:4], want[:4]):
                 assert a.shape == e.shape
+                torch.testing.assert_close(a, e.to(a.dtype))
+        tgt = torch.zeros(2, 2, device=DEVICE)
+        for a, e in zip(th.solve_forward(G, 2, None, tgt), reference.gram_solve(G, 2, None, tgt)):
+            torch.testing.assert_close(a, e)
         assert th.gram_forward(G).shape == (shape[0], 2, 2)
         assert th.combine_forward(G, torch.ones(shape[0], 2, device=DEVICE), "sum").shape == (shape[2],)
 
@@ -421,9 +443,9 @@ def test_gpu_large_shapes(B, K, D, dtype):
                 if path == "small" and D > 8192:
                     continue
                 tag = f"{inp.tag} method={method} path={path} reduction={reduction}"
-                got = th.fused_forward(inp.G, method, inp.order, target, inp.sw, reduction, path=path)
-                same = reference.fused(inp.G, method, inp.order, target, inp.sw, reduction)
-                oracle = reference.fused(G64, method, inp.order, target, inp.sw, reduction)
+                got = th.fused_forward(inp.G, method, inp.order, target, reduction, path=path)
+                same = reference.fused(inp.G, method, inp.order, target, reduction)
+                oracle = reference.fused(G64, method, inp.order, target, reduction)
                 if dtype == torch.float32:
                     for i, name in enumerate(("out", "M", "cos", "w")):
                         _assert_close(got[i], same[i], 1e-4, name, tag, atol=1e-6)
@@ -435,8 +457,8 @@ def test_gpu_large_shapes(B, K, D, dtype):
 
 @pytest.mark.parametrize("B,K,D", [(6, 3, 40), (3, 2, 5000)])
 def test_curriculum_path_matches_torch_backend(B, K, D):
-    """harmonize with a curriculum on the triton backend (rule solved in the fused kernel for
-    short rows, by gram + reference solve for long ones) equals the torch backend."""
+    """harmonize with a curriculum on the triton backend (the rule solved by the solve op,
+    then one weighted combine) equals the torch backend."""
     import gradharmony as gh
 
     for make in (lambda: gh.PCGrad(seed=1), lambda: gh.GradVac(seed=2, beta=0.5)):
@@ -458,5 +480,5 @@ def test_gpu_backend_registry():
     G = torch.randn(256, 2, 1024, device="cuda")
     assert be.supports(G)
     torch.cuda.synchronize()
-    out = be.fused(G, 1, None, None, None, "none")[0]
+    out = be.fused(G, 1, None, None, "none")[0]
     _assert_close(out, reference.fused(G, 1)[0], 1e-4, "out", "auto backend")

@@ -120,7 +120,10 @@ def harmonize(
     Gram matrix ``G_b G_b^T`` to weights ``w_b`` and the output is ``s_b w_b^T G_b``
     (``s_b`` the curriculum weight). One pass over G computes all Gram matrices, a tiny
     per-sample solve gives the weights, one more pass combines (fused into one kernel
-    where possible). Nothing of size B*K*D is allocated besides the input.
+    where possible). Given one (B, K, D) tensor, nothing of that size is allocated besides
+    it; K separate tensors (what :class:`Harmonizer` passes) are first stacked into one new
+    (B, K, D) tensor, and ``nonfinite="skip"`` / ``"zero"`` copy G once when it holds a
+    non-finite entry (see ``bench/bench_input_copy.py``).
 
     Args:
         grads: (B, K, D) tensor, or K tensors (B, ...) of one shape.

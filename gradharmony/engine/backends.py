@@ -1,19 +1,23 @@
 """Backends of the harmonization engine and the dispatch between them.
 
-A backend implements three ops on per-sample gradients ``G: (B, K, D)``
+A backend implements four ops on per-sample gradients ``G: (B, K, D)``
 (contiguous, floating):
 
-- ``gram(G) -> M (B, K, K)`` in the accumulation dtype (float64 for float64 input,
-  float32 otherwise);
+- ``gram(G) -> M (B, K, K)`` in the accumulation dtype
+  (:func:`gradharmony.kernels.spec.acc_dtype`);
 - ``combine(G, w, reduction) -> out``: ``out_b = w_b^T G_b`` (reduction "none", (B, D))
   or its sum over b ("sum", (D,)), in G's dtype;
-- ``fused(G, method, order, target, sample_weight, reduction) -> (out, M, cos, w, phi)``:
-  gram -> per-sample solve (method 0 = sum, 1 = pcgrad, 2 = gradvac) -> combine, with
-  exactly the semantics of :func:`gradharmony.engine.reference.fused`.
+- ``solve(G, method, order, target) -> SolveOutput(gram, cos, weights, phi)``: gram ->
+  per-sample solve (method 0 = sum, 1 = pcgrad, 2 = gradvac), no combine, with exactly the
+  semantics of :func:`gradharmony.engine.reference.gram_solve`; K <= :data:`FUSED_MAX_K`;
+- ``fused(G, method, order, target, reduction) -> FusedOutput(out, gram, cos, weights,
+  phi)``: solve, then combine (:func:`gradharmony.engine.reference.fused`);
+  K <= :data:`FUSED_MAX_K`.
 
 ``torch`` (the pure-PyTorch reference) is always available. Compiled backends
-(``cpp`` on CPU, ``cuda`` and ``triton`` on CUDA GPUs) register themselves here
-when their kernels load; :func:`available_backends` reports which are live and why
+(``cpp`` on CPU, ``cuda`` and ``triton`` on CUDA GPUs; adapters in
+:mod:`.backend_ext` and :mod:`.backend_triton` over the raw ops of
+:mod:`gradharmony.kernels`) are loaded here lazily; :func:`available_backends` reports which are live and why
 the others are not. ``backend="auto"`` picks, per device, the first live backend in
 :data:`PREFERENCE`; the environment variable ``GRADHARMONY_BACKEND`` forces one.
 """
@@ -28,11 +32,15 @@ from typing import Callable, Optional, Protocol
 import torch
 from torch import Tensor
 
+from ..kernels.spec import FUSED_MAX_K
 from . import reference
+from .reference import FusedOutput, SolveOutput
 
 __all__ = [
     "Backend",
     "TorchBackend",
+    "SolveOutput",
+    "FusedOutput",
     "PREFERENCE",
     "FUSED_MAX_K",
     "register_backend",
@@ -40,9 +48,6 @@ __all__ = [
     "select_backend",
     "available_backends",
 ]
-
-#: Largest K the fused kernels handle; larger K runs gram/combine + reference solve.
-FUSED_MAX_K = 8
 
 #: Per device type, the backend with the best measured speed first (bench/results/): on
 #: CUDA the extension (timed and tested on an H100) ahead of Triton (tested under the
@@ -62,15 +67,18 @@ class Backend(Protocol):
 
     def combine(self, G: Tensor, w: Tensor, reduction: str) -> Tensor: ...
 
+    def solve(
+        self, G: Tensor, method: int, order: Optional[Tensor], target: Optional[Tensor]
+    ) -> SolveOutput: ...
+
     def fused(
         self,
         G: Tensor,
         method: int,
         order: Optional[Tensor],
         target: Optional[Tensor],
-        sample_weight: Optional[Tensor],
         reduction: str,
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Optional[Tensor]]: ...
+    ) -> FusedOutput: ...
 
 
 class TorchBackend:
@@ -87,8 +95,13 @@ class TorchBackend:
     def combine(self, G: Tensor, w: Tensor, reduction: str) -> Tensor:
         return reference.combine(G, w, reduction)
 
-    def fused(self, G, method, order, target, sample_weight, reduction):
-        return reference.fused(G, method, order, target, sample_weight, reduction)
+    def solve(self, G: Tensor, method: int, order: Optional[Tensor], target: Optional[Tensor]) -> SolveOutput:
+        return reference.gram_solve(G, method, order, target)
+
+    def fused(
+        self, G: Tensor, method: int, order: Optional[Tensor], target: Optional[Tensor], reduction: str
+    ) -> FusedOutput:
+        return reference.fused(G, method, order, target, reduction)
 
 
 @dataclass
@@ -100,19 +113,19 @@ class _Entry:
 
 
 def _load_cpp() -> Backend:
-    from ..kernels.ext import CppBackend
+    from .backend_ext import CppBackend
 
     return CppBackend()
 
 
 def _load_cuda() -> Backend:
-    from ..kernels.ext import CudaBackend
+    from .backend_ext import CudaBackend
 
     return CudaBackend()
 
 
 def _load_triton() -> Backend:
-    from ..kernels.triton_harmonize import TritonBackend
+    from .backend_triton import TritonBackend
 
     return TritonBackend()
 

@@ -75,21 +75,6 @@ def _bad_samples(M: Tensor) -> Tensor:
     return (~ok).any(-1).nonzero().squeeze(-1)
 
 
-#: Largest row of one sample (K * D * itemsize bytes) for which a compiled backend solves a
-#: kernel rule inside its fused kernel when the combine cannot be fused (a curriculum): the
-#: fused call re-reads G_b for a discarded sum, cheap while G_b is in cache (CPU) or in the
-#: one-launch regime (GPU), against gram + the reference solve's ~30 small ops. CPU, float32,
-#: per-sample PCGrad: 256x2x1024 61 vs 197 us, 256x3x1024 94 vs 358 us; 1024x2x4096 (32 KiB
-#: rows) 1.67 vs 1.54 ms: the reference solve is better there.
-SOLVE_IN_KERNEL_MAX_ROW_BYTES = {"cpu": 16 << 10, "cuda": 32 << 10}
-
-
-def _solve_in_kernel(backend: str, G: Tensor) -> bool:
-    B, K, D = G.shape
-    limit = SOLVE_IN_KERNEL_MAX_ROW_BYTES.get(G.device.type, 0)
-    return backend != "torch" and B > 0 and 0 < K * D * G.element_size() <= limit
-
-
 def _solve(M: Tensor, method: Optional[int], order, target, solve_fn: Optional[SolveFn]):
     if method is not None:
         return reference.solve(M, method, order, target)
@@ -147,13 +132,12 @@ def run(
     B, K, D = G.shape
     fusable = method is not None and K <= FUSED_MAX_K and weight_fn is None
     if fusable:
-        out, M, cos, w, phi = be.fused(G, method, order, target, None, reduction)
+        out, M, cos, w, phi = be.fused(G, method, order, target, reduction)
         s = None
-    elif method is not None and K <= FUSED_MAX_K and _solve_in_kernel(be.name, G):
-        # a kernel rule under a curriculum, short rows: one fused call (its (D,) sum is
-        # discarded) gives M, cos, w, phi, instead of gram + the reference solve's many
-        # small ops; the weighted combine follows below
-        _, M, cos, w, phi = be.fused(G, method, order, target, None, "sum")
+    elif method is not None and K <= FUSED_MAX_K:
+        # a kernel rule under a curriculum: the backend's solve op (gram + in-kernel solve, no
+        # combine) gives M, cos, w, phi; the weighted combine follows below
+        M, cos, w, phi = be.solve(G, method, order, target)
         out = s = None
     else:
         M = be.gram(G)

@@ -8,23 +8,27 @@ device. The structure follows DESIGN.md: Gram -> coefficients -> combine.
 Shapes: ``G: (B, K, D)`` per-sample gradients of K losses, ``M: (B, K, K)``
 their Gram matrices, ``w: (B, K)`` combination weights, ``out = w^T G``.
 
-Accumulation dtype: float64 for float64 input, float32 otherwise.
+Accumulation dtype: float64 for float64 input, float32 otherwise
+(:func:`gradharmony.kernels.spec.acc_dtype`).
 
-Method ids shared with the compiled kernels: 0 = sum, 1 = pcgrad, 2 = gradvac.
+Method ids shared with the compiled kernels: 0 = sum, 1 = pcgrad, 2 = gradvac
+(:data:`gradharmony.kernels.spec.METHOD_IDS`).
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Optional, Union
+from typing import NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor
 
-METHOD_IDS = {"sum": 0, "pcgrad": 1, "gradvac": 2}
+from ..kernels.spec import METHOD_IDS, acc_dtype
 
 __all__ = [
     "METHOD_IDS",
+    "SolveOutput",
+    "FusedOutput",
     "acc_dtype",
     "gram",
     "cosine",
@@ -34,14 +38,29 @@ __all__ = [
     "mgda_weights",
     "cagrad_weights",
     "solve",
+    "gram_solve",
     "combine",
     "fused",
 ]
 
 
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Accumulation dtype for gradients of ``dtype`` (float64 stays float64)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+class SolveOutput(NamedTuple):
+    """What the solve op returns: gram -> per-sample solve, no combine."""
+
+    gram: Tensor  # (B, K, K) Gram matrices, accumulation dtype
+    cos: Tensor  # (B, K, K) cosines
+    weights: Tensor  # (B, K) combination weights
+    phi: Optional[Tensor]  # (B, K, K) GradVac visit cosines (method 2), else None
+
+
+class FusedOutput(NamedTuple):
+    """What the fused op returns: gram -> per-sample solve -> combine."""
+
+    out: Tensor  # (B, D) or (D,), G's dtype
+    gram: Tensor  # (B, K, K)
+    cos: Tensor  # (B, K, K)
+    weights: Tensor  # (B, K)
+    phi: Optional[Tensor]  # (B, K, K) (method 2), else None
 
 
 def gram(G: Tensor) -> Tensor:
@@ -471,28 +490,42 @@ def combine(G: Tensor, w: Tensor, reduction: str = "none") -> Tensor:
     raise ValueError(f"reduction must be 'none' or 'sum', got {reduction!r}")
 
 
+def gram_solve(
+    G: Tensor,
+    method: int,
+    order: Optional[Tensor] = None,
+    target: Optional[Tensor] = None,
+) -> SolveOutput:
+    """The op the solve kernels implement: gram -> per-sample solve (no combine).
+
+    Args:
+        G: (B, K, D) gradients.
+        method, order, target: as in :func:`solve`.
+    Returns:
+        :class:`SolveOutput` ``(gram, cos, weights, phi)``.
+    """
+    M = gram(G)
+    cos, w, phi = solve(M, method, order, target)
+    return SolveOutput(M, cos, w, phi)
+
+
 def fused(
     G: Tensor,
     method: int,
     order: Optional[Tensor] = None,
     target: Optional[Tensor] = None,
-    sample_weight: Optional[Tensor] = None,
     reduction: str = "none",
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Optional[Tensor]]:
+) -> FusedOutput:
     """The whole op the fused kernels implement: gram -> solve -> combine.
 
     Args:
         G: (B, K, D) gradients.
         method, order, target: as in :func:`solve`.
-        sample_weight: optional (B,) per-sample factor folded into the weights.
         reduction: "none" or "sum".
     Returns:
-        ``(out, M, cos, w, phi)``: out (B, D) or (D,) in G's dtype; M (B, K, K), cos
-        (B, K, K), w (B, K) (sample weight included), phi (B, K, K) or ``None``.
+        :class:`FusedOutput` ``(out, gram, cos, weights, phi)``: out (B, D) or (D,) in G's
+        dtype; gram (B, K, K), cos (B, K, K), weights (B, K), phi (B, K, K) or ``None``.
     """
-    M = gram(G)
-    cos, w, phi = solve(M, method, order, target)
-    if sample_weight is not None:
-        w = w * sample_weight.to(w.dtype).unsqueeze(-1)
+    M, cos, w, phi = gram_solve(G, method, order, target)
     out = combine(G, w, reduction)
-    return out, M, cos, w, phi
+    return FusedOutput(out, M, cos, w, phi)

@@ -1,24 +1,29 @@
-"""The C++/CUDA extension: ``torch.ops.gradharmony.{gram, combine, fused}`` and its backends.
+"""The C++/CUDA extension: the raw ops ``torch.ops.gradharmony.{gram, combine, solve, fused}``.
 
 The ops (schemas in ``csrc/ops.cpp``, semantics of :mod:`gradharmony.engine.reference`) come
 from the prebuilt module ``gradharmony._C`` (``pip install --no-build-isolation .``) or, failing
 that, are JIT-compiled once with :func:`torch.utils.cpp_extension.load` (needs a C++ compiler
 and ninja) into torch's extension cache, ``$TORCH_EXTENSIONS_DIR`` (default
 ``~/.cache/torch_extensions``); set ``GRADHARMONY_NO_JIT=1`` to forbid that. CUDA sources are
-JIT-compiled only when a GPU, a CUDA torch and nvcc are all present.
+JIT-compiled only when a GPU, a CUDA torch and nvcc are all present. The engine's adapters
+over these ops are in ``gradharmony.engine.backend_ext``.
 
-Raw ops (``reduction``: 0 = "none", 1 = "sum"; ``method``: 0 sum, 1 pcgrad, 2 gradvac)::
+Raw ops (``reduction``: 0 = "none", 1 = "sum"; ``method``: 0 sum, 1 pcgrad, 2 gradvac;
+see :mod:`.spec`)::
 
     M = torch.ops.gradharmony.gram(G)                       # (B, K, K)
     out = torch.ops.gradharmony.combine(G, w, 0)            # (B, D); 1 -> (D,)
-    out, M, cos, w, phi = torch.ops.gradharmony.fused(G, 1, order, None, None, 0)
+    M, cos, w, phi = torch.ops.gradharmony.solve(G, 1, order, None)
+    out, M, cos, w, phi = torch.ops.gradharmony.fused(G, 1, order, None, 0)
+
+``phi`` is an empty (0,) tensor unless method is 2 (gradvac).
 
 Example::
 
     >>> import torch
-    >>> from gradharmony.kernels.ext import CppBackend
-    >>> be = CppBackend()                                   # doctest: +SKIP
-    >>> out, M, cos, w, phi = be.fused(torch.randn(4, 2, 10), 1, None, None, None, "none")  # doctest: +SKIP
+    >>> from gradharmony.kernels.ext import load_ops
+    >>> load_ops()                                          # doctest: +SKIP
+    >>> M, cos, w, phi = torch.ops.gradharmony.solve(torch.randn(4, 2, 10), 1, None, None)  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -32,10 +37,12 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["load_ops", "ops_source", "ops_path", "source_dir", "CppBackend", "CudaBackend", "REDUCTION_IDS"]
+from . import build_flags
+from .spec import REDUCTION_IDS, acc_dtype
 
-REDUCTION_IDS = {"none": 0, "sum": 1}
-_OP_NAMES = ("gram", "combine", "fused")
+__all__ = ["load_ops", "ops_source", "ops_path", "source_dir", "has_kernels", "REDUCTION_IDS"]
+
+_OP_NAMES = ("gram", "combine", "solve", "fused")
 
 _lock = threading.Lock()
 _state: dict = {"source": None, "error": None, "path": None}
@@ -53,27 +60,32 @@ def source_dir() -> Optional[str]:
 def _register_fakes() -> None:
     """Shape-only (fake / meta) versions of the ops, so that they trace under torch.compile."""
 
-    def acc(G: Tensor) -> torch.dtype:
-        return torch.float64 if G.dtype == torch.float64 else torch.float32
+    def solve_outputs(G: Tensor, method: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        B, K, _ = G.shape
+        a = acc_dtype(G.dtype)
+        phi = G.new_empty((B, K, K) if method == 2 else (0,), dtype=a)
+        return (G.new_empty((B, K, K), dtype=a), G.new_empty((B, K, K), dtype=a),
+                G.new_empty((B, K), dtype=a), phi)
 
     @torch.library.register_fake("gradharmony::gram")
     def _gram_fake(G):
         B, K, _ = G.shape
-        return G.new_empty((B, K, K), dtype=acc(G))
+        return G.new_empty((B, K, K), dtype=acc_dtype(G.dtype))
 
     @torch.library.register_fake("gradharmony::combine")
     def _combine_fake(G, w, reduction):
         B, K, D = G.shape
         return G.new_empty((B, D) if reduction == 0 else (D,))
 
+    @torch.library.register_fake("gradharmony::solve")
+    def _solve_fake(G, method, order, target):
+        return solve_outputs(G, method)
+
     @torch.library.register_fake("gradharmony::fused")
-    def _fused_fake(G, method, order, target, sample_weight, reduction):
+    def _fused_fake(G, method, order, target, reduction):
         B, K, D = G.shape
-        a = acc(G)
         out = G.new_empty((B, D) if reduction == 0 else (D,))
-        phi = G.new_empty((B, K, K) if method == 2 else (0,), dtype=a)
-        return (out, G.new_empty((B, K, K), dtype=a), G.new_empty((B, K, K), dtype=a),
-                G.new_empty((B, K), dtype=a), phi)
+        return (out, *solve_outputs(G, method))
 
 
 def _jit_load() -> str:
@@ -97,12 +109,12 @@ def _jit_load() -> str:
     if with_cuda:
         sources.append(cu)
         name += "_cuda"
-        kwargs["extra_cuda_cflags"] = ["-O3", "-std=c++17", "--expt-relaxed-constexpr"]
+        kwargs["extra_cuda_cflags"] = list(build_flags.NVCC_FLAGS)
     ce.load(
         name=name,
         sources=sources,
-        extra_cflags=["-O3", "-fopenmp", "-std=c++17", "-ffp-contract=off"],
-        extra_ldflags=["-fopenmp"],
+        extra_cflags=list(build_flags.CXX_FLAGS),
+        extra_ldflags=list(build_flags.LD_FLAGS),
         extra_include_paths=[src],
         is_python_module=False,
         verbose=os.environ.get("GRADHARMONY_VERBOSE_BUILD", "") == "1",
@@ -112,6 +124,25 @@ def _jit_load() -> str:
         (p for p in torch.ops.loaded_libraries if os.path.basename(p).startswith(name)), None
     )
     return "jit" + ("+cuda" if with_cuda else "")
+
+
+def _import_prebuilt() -> str:
+    """Import ``gradharmony._C`` (registers the ops); returns its path.
+
+    Only a module next to this package's sources counts: an editable install of another
+    checkout can make ``gradharmony._C`` resolve to that checkout's build, whose ops would
+    not match these sources (and, once loaded, would block the JIT build of these).
+    """
+    import importlib
+    import importlib.util
+
+    spec = importlib.util.find_spec("gradharmony._C")
+    if spec is None or spec.origin is None:
+        raise ImportError("no module named 'gradharmony._C'")
+    pkg = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if os.path.dirname(os.path.abspath(spec.origin)) != pkg:
+        raise ImportError(f"gradharmony._C at {spec.origin} belongs to another source tree than {pkg}")
+    return importlib.import_module("gradharmony._C").__file__
 
 
 def load_ops() -> str:
@@ -127,9 +158,8 @@ def load_ops() -> str:
             raise RuntimeError(_state["error"])
         reasons = []
         try:
-            from .. import _C  # noqa: F401  (registers the ops)
-
-            _state["source"], _state["path"] = "prebuilt", _C.__file__
+            _state["path"] = _import_prebuilt()
+            _state["source"] = "prebuilt"
         except ImportError as exc:
             reasons.append(f"prebuilt gradharmony._C not importable ({exc})")
         if _state["source"] is None:
@@ -158,67 +188,9 @@ def ops_path() -> Optional[str]:
     return _state["path"]
 
 
-class _ExtBackend:
-    """Backend protocol of :mod:`gradharmony.engine.backends` over the extension's ops."""
-
-    name = ""
-    device_type = ""
-    dispatch_key = ""
-    dtypes: tuple = ()
-
-    def __init__(self) -> None:
-        load_ops()
-        if not torch._C._dispatch_has_kernel_for_dispatch_key("gradharmony::fused", self.dispatch_key):
-            raise RuntimeError(
-                f"gradharmony extension was built without {self.dispatch_key} kernels "
-                f"(loaded: {_state['source']})"
-            )
-
-    def supports(self, G: Tensor) -> bool:
-        return G.device.type == self.device_type and G.dtype in self.dtypes
-
-    def gram(self, G: Tensor) -> Tensor:
-        """(B, K, D) -> (B, K, K) Gram matrices in the accumulation dtype."""
-        return torch.ops.gradharmony.gram(G)
-
-    def combine(self, G: Tensor, w: Tensor, reduction: str) -> Tensor:
-        """``out_b = w_b^T G_b`` ((B, D)) or its sum over b ((D,)), in G's dtype."""
-        return torch.ops.gradharmony.combine(G, w, REDUCTION_IDS[reduction])
-
-    def fused(
-        self,
-        G: Tensor,
-        method: int,
-        order: Optional[Tensor],
-        target: Optional[Tensor],
-        sample_weight: Optional[Tensor],
-        reduction: str,
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Optional[Tensor]]:
-        """gram -> solve -> combine; ``(out, M, cos, w, phi)`` as in ``reference.fused``."""
-        out, M, cos, w, phi = torch.ops.gradharmony.fused(
-            G, method, order, target, sample_weight, REDUCTION_IDS[reduction]
-        )
-        return out, M, cos, w, (phi if method == 2 else None)
-
-
-class CppBackend(_ExtBackend):
-    """C++ CPU kernels (OpenMP over samples / columns); float32, float64, float16, bfloat16."""
-
-    name = "cpp"
-    device_type = "cpu"
-    dispatch_key = "CPU"
-    dtypes = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-
-
-class CudaBackend(_ExtBackend):
-    """CUDA kernels (one launch per sample block for small D, two streaming passes for large D)."""
-
-    name = "cuda"
-    device_type = "cuda"
-    dispatch_key = "CUDA"
-    dtypes = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-
-    def __init__(self) -> None:
-        if not torch.cuda.is_available():
-            raise RuntimeError("no CUDA device available")
-        super().__init__()
+def has_kernels(dispatch_key: str) -> bool:
+    """True when the loaded ops have kernels for ``dispatch_key`` ("CPU", "CUDA")."""
+    return all(
+        torch._C._dispatch_has_kernel_for_dispatch_key(f"gradharmony::{op}", dispatch_key)
+        for op in _OP_NAMES
+    )

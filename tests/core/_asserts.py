@@ -36,9 +36,9 @@ def make_rule(method: str, K: int) -> gh.Rule:
     return gh.get_rule(method)
 
 
-def runner(method: str, reduction: str = "none", **kw) -> Run:
+def runner(method: str, reduction: str = "none", backend: str = "torch", **kw) -> Run:
     def run(G: Tensor) -> HarmonizeResult:
-        return gh.harmonize(G, make_rule(method, G.shape[1]), reduction=reduction, backend="torch", **kw)
+        return gh.harmonize(G, make_rule(method, G.shape[1]), reduction=reduction, backend=backend, **kw)
 
     return run
 
@@ -109,10 +109,10 @@ def assert_grad_matches_weights(res: HarmonizeResult, G: Tensor, reduction: str 
     close(res.grad, out, rtol, scale=scale, msg=f"grad vs weights (reduction={reduction})")
 
 
-def assert_reductions_consistent(method: str, G: Tensor) -> None:
-    r_none = runner(method, "none")(G)
-    r_sum = runner(method, "sum")(G)
-    r_mean = runner(method, "mean")(G)
+def assert_reductions_consistent(method: str, G: Tensor, backend: str = "torch") -> None:
+    r_none = runner(method, "none", backend)(G)
+    r_sum = runner(method, "sum", backend)(G)
+    r_mean = runner(method, "mean", backend)(G)
     B = G.shape[0]
     rtol = 1e-12 if G.dtype == torch.float64 else 1e-5
     scale = float(r_none.grad.abs().sum(0).max()) if r_none.grad.numel() else 1.0

@@ -1,14 +1,14 @@
-"""Shared fixtures of the core test suite (CPU, reference engine ``backend="torch"``).
+"""Settings of the core test suite (CPU; the reference engine unless a test takes the
+``backend`` fixture of tests/conftest.py).
 
-Every test that draws random numbers takes the ``seed`` fixture: a fresh seed per run
-(``random.SystemRandom``), printed so that pytest shows it with a failure, and
+Every test that draws random numbers takes the ``seed`` fixture (tests/conftest.py): a fresh
+seed per run (``random.SystemRandom``), printed so that pytest shows it with a failure, and
 reproducible with ``GH_TEST_SEED=<seed> pytest ...``.
 """
 
 from __future__ import annotations
 
 import os
-import random
 import sys
 from pathlib import Path
 
@@ -28,18 +28,4 @@ settings.load_profile("gh_core")
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
-
-@pytest.fixture
-def seed(request) -> int:
-    env = os.environ.get("GH_TEST_SEED")
-    s = int(env) if env else random.SystemRandom().randrange(2**31)
-    print(f"\n[gradharmony] {request.node.nodeid}: seed={s} (rerun with GH_TEST_SEED={s})")
-    torch.manual_seed(s)
-    return s
-
-
-@pytest.fixture
-def gen(seed) -> torch.Generator:
-    g = torch.Generator()
-    g.manual_seed(seed)
-    return g
+# the ``seed`` and ``gen`` fixtures live in tests/conftest.py (shared with the kernel suites)

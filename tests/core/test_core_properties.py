@@ -1,4 +1,8 @@
-"""Shared property assertions applied to every method (sum, pcgrad, gradvac, cagrad, mgda)."""
+"""Shared property assertions applied to every method (sum, pcgrad, gradvac, cagrad, mgda) on
+every live backend (the ``backend`` fixture of tests/conftest.py: torch, cpp, cuda, triton).
+
+The hypothesis searches run on the fast backends (torch, cpp, cuda); under the Triton
+interpreter they would take minutes."""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 import gradharmony as gh
+from _helpers import backend_case
 from _asserts import (
     METHODS,
     assert_cos_valid,
@@ -34,38 +39,41 @@ def _conflicting(B: int, K: int, D: int, dtype, gen: torch.Generator) -> torch.T
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("K", [2, 3, 5])
-def test_basic_properties(method, dtype, K, gen):
-    G = _conflicting(7, K, 41, dtype, gen)
-    res = runner(method)(G)
+def test_basic_properties(method, dtype, K, gen, backend):
+    G = _conflicting(7, K, 41, dtype, gen).to(backend.device)
+    backend.skip_unless(G)
+    res = runner(method, backend=backend.name)(G)
     assert res.grad.shape == (7, 41) and res.grad.dtype == dtype
     assert res.weights.shape == (7, K) and res.cos.shape == (7, K, K)
-    assert res.backend == "torch"
+    assert res.backend == backend.name
     assert_finite(res, method)
     assert_gram_psd(res, G)
     assert_cos_valid(res, G)
     assert_grad_matches_weights(res, G)
     assert_non_conflicting(method, res, G)
-    assert_reductions_consistent(method, G)
+    assert_reductions_consistent(method, G, backend.name)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("method", ["sum", "pcgrad", "gradvac", "cagrad"])
-def test_no_conflict_gives_plain_sum(method, dtype, gen):
+def test_no_conflict_gives_plain_sum(method, dtype, gen, backend):
     """'sum' has w = 1; PCGrad and GradVac (target 0) leave non-conflicting gradients alone;
     CAGrad with c = 0 is the sum."""
-    G = torch.rand(5, 3, 17, dtype=dtype, generator=gen)  # positive entries: all cosines > 0
+    G = torch.rand(5, 3, 17, dtype=dtype, generator=gen).to(backend.device)  # all cosines > 0
+    backend.skip_unless(G)
     rule = gh.get_rule(method, **({"c": 0.0} if method == "cagrad" else {}))
-    res = gh.harmonize(G, rule, backend="torch")
+    res = gh.harmonize(G, rule, backend=backend.name)
     torch.testing.assert_close(res.grad, G.sum(1))
     torch.testing.assert_close(res.weights, torch.ones_like(res.weights))
 
 
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("K", [2, 4])
-def test_permutation_equivariance(method, K, gen):
-    G = _conflicting(9, K, 23, torch.float64, gen)
+def test_permutation_equivariance(method, K, gen, backend):
+    dtype = torch.float64 if backend.name != "triton" else torch.float32
+    G = _conflicting(9, K, 23, dtype, gen).to(backend.device)
     perm = torch.randperm(9, generator=gen)
-    assert_permutation_equivariant(runner(method), G, perm)
+    assert_permutation_equivariant(runner(method, backend=backend.name), G, perm)
 
 
 def test_permutation_equivariance_random_order_k2(gen):
@@ -82,53 +90,56 @@ def test_permutation_equivariance_random_order_k2(gen):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("K", [2, 3])
-def test_scaling_invariance(method, dtype, K, gen):
-    G = _conflicting(4, K, 33, dtype, gen)
+def test_scaling_invariance(method, dtype, K, gen, backend):
+    G = _conflicting(4, K, 33, dtype, gen).to(backend.device)
+    backend.skip_unless(G)
     b = int(torch.randint(4, (1,), generator=gen))
-    assert_scaling(method, runner(method), G, b)
+    assert_scaling(method, runner(method, backend=backend.name), G, b)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("scale", [1e-20, 1e-10, 1.0, 1e10, 1e20])
-def test_whole_batch_at_scale_is_finite(method, dtype, scale, gen):
+def test_whole_batch_at_scale_is_finite(method, dtype, scale, gen, backend):
     """No NaN/inf from finite input: every sample (and the sum reduction) at one scale."""
-    G = (_conflicting(6, 3, 50, torch.float64, gen) * scale).to(dtype)
+    G = (_conflicting(6, 3, 50, torch.float64, gen) * scale).to(dtype).to(backend.device)
+    backend.skip_unless(G)
     for reduction in ("none", "sum"):
-        res = runner(method, reduction)(G)
+        res = runner(method, reduction, backend.name)(G)
         assert_finite(res, f"{method} {dtype} scale {scale:g} reduction {reduction}")
-    base = runner(method)(_conflicting(6, 3, 50, torch.float64, gen).to(dtype))
+    base = runner(method, backend=backend.name)(_conflicting(6, 3, 50, torch.float64, gen).to(dtype).to(backend.device))
     assert base.weights.shape == res.weights.shape
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("method", METHODS)
-def test_all_zero_sample_and_zero_loss(method, dtype, gen):
+def test_all_zero_sample_and_zero_loss(method, dtype, gen, backend):
     """An all-zero sample gives a zero row; a zero gradient of one loss conflicts with nothing."""
-    G = _conflicting(3, 3, 10, dtype, gen)
+    G = _conflicting(3, 3, 10, dtype, gen).to(backend.device)
+    backend.skip_unless(G)
     G[0] = 0
     G[1, 2] = 0  # one zero loss gradient in sample 1
-    res = runner(method)(G)
+    res = runner(method, backend=backend.name)(G)
     assert_finite(res, method)
     assert (res.grad[0] == 0).all()
     assert (res.cos[0] == 0).all()
     assert (res.cos[1, 2] == 0).all() and (res.cos[1, :, 2] == 0).all()
     if method in ("pcgrad", "gradvac"):
         # the zero gradient is never projected against and receives nothing
-        ref = runner(method)(G[1:2, :2])
+        ref = runner(method, backend=backend.name)(G[1:2, :2])
         torch.testing.assert_close(res.grad[1], ref.grad[0])
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_mixed_scales_within_batch(method, gen):
+def test_mixed_scales_within_batch(method, gen, backend):
     """Samples at 1e-20 and 1e20 in one float32 batch: each as if harmonized alone."""
-    G64 = _conflicting(4, 2, 30, torch.float64, gen)
-    scales = torch.tensor([1e-20, 1.0, 1e20, 1e-10], dtype=torch.float64)
+    G64 = _conflicting(4, 2, 30, torch.float64, gen).to(backend.device)
+    scales = torch.tensor([1e-20, 1.0, 1e20, 1e-10], dtype=torch.float64, device=backend.device)
     G = (G64 * scales[:, None, None]).float()
-    res = runner(method)(G)
+    res = runner(method, backend=backend.name)(G)
     assert_finite(res, method)
     for b in range(4):
-        alone = runner(method)(G64[b : b + 1].float())
+        alone = runner(method, backend=backend.name)(G64[b : b + 1].float())
         torch.testing.assert_close(res.weights[b], alone.weights[0], rtol=2e-3, atol=2e-3)
 
 
@@ -140,16 +151,25 @@ def shapes(draw):
     return B, K, D
 
 
+FAST_BACKENDS = ("torch", "cpp", "cuda")
+
+
+@pytest.fixture(params=FAST_BACKENDS)
+def fast_backend(request):
+    return backend_case(request.param)
+
+
 @given(shape=shapes(), method=st.sampled_from(METHODS), dtype=st.sampled_from(DTYPES),
        log_scale=st.sampled_from([-20, -10, 0, 10, 20]), seed=st.integers(0, 2**31 - 1),
        reduction=st.sampled_from(["none", "sum", "mean"]))
-def test_hypothesis_shapes(shape, method, dtype, log_scale, seed, reduction):
+def test_hypothesis_shapes(shape, method, dtype, log_scale, seed, reduction, fast_backend):
     B, K, D = shape
     # MGDA/CAGrad solve a K x K problem: keep hypothesis fast but still cover K up to 8.
     assume(not (method in ("cagrad", "mgda") and B * K > 48))
     g = torch.Generator().manual_seed(seed)
     G = (torch.randn(B, K, D, dtype=torch.float64, generator=g) * 10.0**log_scale).to(dtype)
-    res = runner(method, reduction)(G)
+    G = G.to(fast_backend.device)
+    res = runner(method, reduction, fast_backend.name)(G)
     expected = (B, D) if reduction == "none" else (D,)
     assert res.grad.shape == expected, f"seed={seed}"
     assert res.weights.shape == (B, K) and res.cos.shape == (B, K, K) and res.gram.shape == (B, K, K)
@@ -191,7 +211,7 @@ def degenerate_batch(draw):
 
 
 @given(data=degenerate_batch(), method=st.sampled_from(METHODS), dtype=st.sampled_from(DTYPES))
-def test_hypothesis_degenerate(data, method, dtype):
+def test_hypothesis_degenerate(data, method, dtype, fast_backend):
     G64, seed = data
     if dtype == torch.float32:
         # float32 holds squared norms over ~1e76 only: within one sample keep the losses'
@@ -199,8 +219,8 @@ def test_hypothesis_degenerate(data, method, dtype):
         n = G64.norm(dim=-1)
         nz = torch.where(n > 0, n, torch.full_like(n, torch.inf))
         assume(bool((n.amax(-1) <= 1e15 * nz.amin(-1)).all()))
-    G = G64.to(dtype)
-    res = runner(method)(G)
+    G = G64.to(dtype).to(fast_backend.device)
+    res = runner(method, backend=fast_backend.name)(G)
     assert_finite(res, f"seed={seed}")
     assert_cos_valid(res, G)
     assert_grad_matches_weights(res, G)
