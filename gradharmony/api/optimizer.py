@@ -100,6 +100,14 @@ def _write_grad(p: Tensor, g: Tensor) -> None:
     if g.dtype != p.dtype:
         g = g.to(p.dtype)
     if p.grad is None:
+        # the layout backward's AccumulateGrad gives a new gradient: dense in the parameter's
+        # strides (never an expanded view), sparse with contiguous indices and values
+        if g.is_sparse:
+            if not (g._indices().is_contiguous() and g._values().is_contiguous()):
+                g = torch.sparse_coo_tensor(g._indices().contiguous(), g._values().contiguous(), g.shape,
+                                            is_coalesced=g.is_coalesced())
+        elif g.stride() != p.stride():
+            g = torch.empty_like(p, memory_format=torch.preserve_format).copy_(g)
         p.grad = g
     elif p.grad.is_sparse or g.is_sparse:
         p.grad = p.grad + g

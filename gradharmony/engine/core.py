@@ -187,8 +187,12 @@ def health_check(G: Tensor, M: Tensor, nonfinite: str = "raise") -> Health:
             Gi = torch.where(finite_rows.view(-1, 1, 1), Gi, torch.zeros_like(Gi))
     M, M_solve = M.clone(), M.clone()
     if idx.numel() > 0:
-        M[idx] = reference.gram(Gi.to(torch.float64)).to(M.dtype)  # may be 0/inf: it is the truth
-        M_solve[idx] = _scaled_gram(Gi).to(M.dtype)
+        true_i = reference.gram(Gi.to(torch.float64)).to(M.dtype)  # may be 0/inf: it is the truth
+        M[idx] = true_i
+        # rescale only where needed (a row zeroed under "zero" may be in range again)
+        d = true_i.diagonal(dim1=1, dim2=2)
+        safe = ((d >= _tiny(M.dtype)) & (d <= _huge(M.dtype))).all(-1)
+        M_solve[idx] = torch.where(safe.view(-1, 1, 1), true_i, _scaled_gram(Gi).to(M.dtype))
     return Health(gram=M, gram_solve=M_solve, finite=finite,
                   repaired=idx if idx.numel() > 0 else None, nonfinite_samples=nonfinite_idx)
 
