@@ -28,6 +28,12 @@ curriculum step, statistics reduction; the data loading is excluded. Reported: m
 20th/80th percentiles in ms, and the ratio of medians to ``plain`` and to ``sum``. CPU runs the
 ``tiny`` preset; with CUDA available, a second run uses the ``small`` preset on the GPU.
 
+Wrapper section (``--wrapper``, on by default): the step time of ``gh.HarmonizedOptimizer`` at
+both granularities next to plain training (``sum(l.mean()).backward()`` + Adam step) on a small
+shared-trunk / two-head MLP with per-sample losses (same initial weights, same batches,
+round-robin): ``batch:<rule>`` and ``sample:<rule>`` for the rules "sum" and "pcgrad". A step =
+zero_grad, forward, (harmonized) backward, Adam step. Writes ``train_step_wrapper_<device>``.
+
 Usage::
 
     python bench/bench_train_step.py                  # CPU (and GPU when available)
@@ -293,6 +299,88 @@ def run(device: torch.device, preset: str, args: argparse.Namespace) -> dict[str
     return {"meta": meta, "results": rows}
 
 
+class _TwoHeads(torch.nn.Module):
+    """Shared MLP trunk, one linear head per loss; per-sample losses (B,)."""
+
+    def __init__(self, d_in: int = 64, width: int = 256) -> None:
+        super().__init__()
+        self.trunk = torch.nn.Sequential(torch.nn.Linear(d_in, width), torch.nn.ReLU(),
+                                         torch.nn.Linear(width, width), torch.nn.ReLU())
+        self.head_a = torch.nn.Linear(width, 1)
+        self.head_b = torch.nn.Linear(width, 8)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, c: torch.Tensor) -> list[torch.Tensor]:
+        h = self.trunk(x)
+        la = (self.head_a(h).squeeze(1) - y) ** 2
+        lb = torch.nn.functional.cross_entropy(self.head_b(h), c, reduction="none")
+        return [la, lb]
+
+
+WRAPPER_VARIANTS = ("plain", "batch:sum", "batch:pcgrad", "sample:sum", "sample:pcgrad")
+
+
+def measure_wrapper(device: torch.device, steps: int, warmup: int, batch_size: int = 32,
+                    chunk_size: int = 16) -> dict[str, np.ndarray]:
+    """ms per training step (steps,) of plain training and of the wrapper, round-robin."""
+    import gradharmony as gh
+
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(batch_size, 64, generator=g).to(device), torch.randn(batch_size, generator=g).to(device),
+                torch.randint(0, 8, (batch_size,), generator=g).to(device)) for _ in range(4)]
+    runs = {}
+    for name in WRAPPER_VARIANTS:
+        torch.manual_seed(0)
+        model = _TwoHeads().to(device)
+        inner = torch.optim.Adam(model.parameters(), lr=1e-3)
+        if name == "plain":
+            runs[name] = (model, inner)
+        else:
+            gran, rule = name.split(":")
+            runs[name] = (model, gh.HarmonizedOptimizer(inner, rule, granularity=gran, chunk_size=chunk_size))
+
+    def step(name: str, batch) -> None:
+        model, opt = runs[name]
+        opt.zero_grad(set_to_none=True)
+        losses = model(*batch)
+        if name == "plain":
+            sum(l.mean() for l in losses).backward()
+        elif name.startswith("batch"):
+            opt.backward([l.mean() for l in losses])
+        else:
+            opt.backward(losses)
+        opt.step()
+
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    for r in range(warmup + steps):
+        batch = batches[r % len(batches)]
+        for name in runs:
+            sync(device)
+            t0 = time.perf_counter()
+            step(name, batch)
+            sync(device)
+            if r >= warmup:
+                times[name].append(1e3 * (time.perf_counter() - t0))
+    return {k: np.array(v) for k, v in times.items()}
+
+
+def run_wrapper(device: torch.device, args: argparse.Namespace) -> dict[str, Any]:
+    times = measure_wrapper(device, args.steps, args.warmup)
+    rows = summarize(times)
+    meta = {"device": device.type, "device_name": device_name(device), "torch": torch.__version__,
+            "commit": git_commit(), "preset": "two-head MLP 64-256-256, heads 1 and 8", "batch_size": 32,
+            "steps": args.steps, "warmup": args.warmup, "threads": torch.get_num_threads(),
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    os.makedirs(args.out, exist_ok=True)
+    stem = os.path.join(args.out, f"train_step_wrapper_{device.type}")
+    with open(stem + ".json", "w", encoding="utf-8") as f:
+        json.dump({"meta": meta, "results": rows}, f, indent=2)
+    md = to_markdown(meta, rows).replace("# VATT training step", "# HarmonizedOptimizer training step", 1)
+    with open(stem + ".md", "w", encoding="utf-8") as f:
+        f.write(md)
+    print(md)
+    return {"meta": meta, "results": rows}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--devices", default="auto", help="comma list of cpu,cuda or 'auto' (cpu + cuda if available)")
@@ -312,6 +400,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="comma list of variants to leave out (e.g. the slow loop:pcgrad@vmap on a bigger preset)")
     p.add_argument("--memory-variant", default=None, help=argparse.SUPPRESS)
     p.add_argument("--out", default=os.path.join(ROOT, "bench", "results"))
+    p.add_argument("--wrapper", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time HarmonizedOptimizer at both granularities next to plain training")
+    p.add_argument("--vatt", action=argparse.BooleanOptionalAction, default=True,
+                   help="time the VATT trainer variants")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -325,7 +417,10 @@ def main(argv: list[str] | None = None) -> int:
         if dev == "cuda" and not torch.cuda.is_available():
             print("cuda requested but not available; skipped")
             continue
-        run(torch.device(dev), args.cpu_preset if dev == "cpu" else args.gpu_preset, args)
+        if args.vatt:
+            run(torch.device(dev), args.cpu_preset if dev == "cpu" else args.gpu_preset, args)
+        if args.wrapper:
+            run_wrapper(torch.device(dev), args)
     return 0
 
 

@@ -6,6 +6,11 @@ and sample b — the part of each loss's gradient that flows through sample b's 
 representation, negatives of contrastive losses included — harmonizes them per sample
 and passes one gradient on to whatever produced ``h``. With ``method="sum"`` this is
 exactly plain backpropagation.
+
+Autograd contract (every backend): the gradient passed on is a detached first-order
+result. Under ``create_graph=True`` the backward still runs; asking for a gradient of
+that gradient (double backward) raises a ``RuntimeError`` naming the op, instead of
+returning a silently wrong second-order term.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from typing import Any, Optional, Union
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from ..rules import ConflictCurriculum, Rule, get_rule
 from .functional import HarmonizeResult, harmonize
@@ -30,6 +36,7 @@ class _Branch(torch.autograd.Function):
         return tuple(h.view_as(h) for _ in range(k))
 
     @staticmethod
+    @once_differentiable  # first-order only: a second-order gradient through it raises
     def backward(ctx: Any, *grads: Optional[Tensor]):  # type: ignore[override]
         present = [g for g in grads if g is not None]
         if not present:

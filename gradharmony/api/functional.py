@@ -9,7 +9,7 @@ from typing import Any, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from ..engine import core
+from . import pipeline
 from ..rules import ConflictCurriculum, Rule, get_rule
 from .stats import ConflictStats, conflict_stats
 
@@ -136,6 +136,9 @@ def harmonize(
             the non-finite entries) or "propagate" (pass them through, for GradScaler).
         **rule_kwargs: options of the rule named by ``method`` (e.g. ``c=0.4``).
 
+    Autograd: the outputs are detached first-order results (no graph through the
+    harmonization, even when ``grads`` require grad), on every backend.
+
     Example:
         >>> import torch, gradharmony as gh
         >>> G = torch.tensor([[[1.0, 0.0], [-1.0, 1.0]]])  # one sample, two conflicting losses
@@ -151,56 +154,26 @@ def harmonize(
         raise TypeError(f"curriculum must be a ConflictCurriculum, got {type(curriculum).__name__}")
     rule = get_rule(method, **rule_kwargs)
     G = as_per_sample_grads(grads)
-    B, K, _ = G.shape
-    order = rule.order(B, K, G.device) if rule.method_id is not None else None
-    target = rule.target(K, G.device) if rule.method_id is not None else None
-
-    raw_box: dict[str, Tensor] = {}
-    weight_fn = None
-    if curriculum is not None:
-        def weight_fn(cos: Tensor) -> Tensor:
-            raw = curriculum.weights_from_cos(cos)
-            raw_box["raw"] = raw
-            return curriculum.normalized(raw)
-
-    res = core.run(
-        G,
-        backend=backend,
-        method=rule.method_id,
-        order=order,
-        target=target,
-        solve_fn=rule.solve if rule.method_id is None else None,
-        weight_fn=weight_fn,
-        reduction="none" if reduction == "none" else "sum",
-        nonfinite=nonfinite,
-    )
+    B = G.shape[0]
+    if G.requires_grad:  # the contract: first-order, detached outputs (see README, "Autograd")
+        G = G.detach()
+    with torch.no_grad():
+        res = pipeline.run(G, rule, curriculum, backend=backend, nonfinite=nonfinite,
+                           reduction="none" if reduction == "none" else "sum")
     out = res.out
     if reduction == "mean" and B > 0:
         out = out / B
-    mask = None
-    if res.sample_weights is not None:
-        mask = res.sample_weights > 0
-    if res.nonfinite_samples is not None and res.nonfinite_samples.numel():
-        mask = torch.ones(B, dtype=torch.bool, device=G.device) if mask is None else mask.clone()
-        mask[res.nonfinite_samples] = False
-    rule.update(res.cos, res.phi, mask)
-    raw = raw_box.get("raw")
-    if raw is not None and raw.shape[0] != B and mask is not None:
-        # nonfinite="skip": the curriculum saw only the finite samples; skipped ones get 0
-        full = raw.new_zeros(B)
-        keep = torch.ones(B, dtype=torch.bool, device=G.device)
-        keep[res.nonfinite_samples] = False
-        full[keep] = raw
-        raw = full
+    wd = res.weighed
     return HarmonizeResult(
         grad=out,
-        cos=res.cos,
-        weights=res.weights,
+        cos=wd.cos,
+        weights=wd.weights,
         gram=res.gram,
-        sample_weights=res.sample_weights,
-        curriculum_weights=raw,
+        sample_weights=wd.sample_weights,
+        curriculum_weights=wd.curriculum_weights,
         backend=res.backend,
-        threshold=curriculum.threshold_tensor if curriculum is not None else None,
-        score_reduce=curriculum.reduce if curriculum is not None else "min",
+        threshold=wd.threshold,
+        score_reduce=wd.score_reduce,
         nonfinite_samples=res.nonfinite_samples,
+        _stats=None,
     )

@@ -25,6 +25,7 @@ the others are not. ``backend="auto"`` picks, per device, the first live backend
 from __future__ import annotations
 
 import os
+import threading
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Optional, Protocol
@@ -137,6 +138,10 @@ _REGISTRY: dict[str, _Entry] = {
     "triton": _Entry(loader=_load_triton),
 }
 _WARNED: set[str] = set()
+# One lock for every lazy load: a compiled backend builds or loads its extension on first
+# use; a second thread must wait for that load, not see a half-done entry and mark the
+# backend unavailable.
+_LOAD_LOCK = threading.RLock()
 
 
 def register_backend(name: str, loader: Callable[[], Backend]) -> None:
@@ -148,12 +153,15 @@ def _load(name: str) -> Optional[Backend]:
     entry = _REGISTRY.get(name)
     if entry is None:
         return None
-    if not entry.tried:
-        entry.tried = True
-        try:
-            entry.backend = entry.loader()
-        except Exception as exc:  # a missing toolchain is not an error of the caller
-            entry.error = f"{type(exc).__name__}: {exc}"
+    if entry.tried:  # set only after the load finished (under the lock)
+        return entry.backend
+    with _LOAD_LOCK:
+        if not entry.tried:
+            try:
+                entry.backend = entry.loader()
+            except Exception as exc:  # a missing toolchain is not an error of the caller
+                entry.error = f"{type(exc).__name__}: {exc}"
+            entry.tried = True
     return entry.backend
 
 
@@ -176,6 +184,14 @@ def available_backends() -> dict[str, str]:
     return out
 
 
+def _why_not(be: Backend, G: Tensor) -> str:
+    """What about G (B, K, D) a backend that does not support it rejects: K, dtype or device."""
+    what = f"per-sample gradients of shape {tuple(G.shape)} ({G.dtype} on {G.device})"
+    if G.dim() == 3 and G.shape[1] > FUSED_MAX_K and be.supports(G[:, :FUSED_MAX_K]):
+        return f"{what}: K={G.shape[1]} losses, more than its limit of {FUSED_MAX_K}"
+    return f"{what}: it does not run on {G.dtype} on {G.device.type}"
+
+
 def select_backend(backend: str, G: Tensor) -> Backend:
     """Resolve ``backend`` ("auto" or a name) for the tensor ``G``.
 
@@ -195,9 +211,7 @@ def select_backend(backend: str, G: Tensor) -> Backend:
                 raise
             raise type(e)(f"{e}{source}") from None
         if not be.supports(G):
-            raise ValueError(
-                f"backend {backend!r}{source} cannot run on a {G.dtype} tensor on {G.device}"
-            )
+            raise ValueError(f"backend {backend!r}{source} cannot take {_why_not(be, G)}")
         return be
     missing = []  # (name, reason) of preferred backends that failed to load
     chosen: Optional[Backend] = None

@@ -1,7 +1,9 @@
 """The engine: one op ``G (B, K, D) -> (out, M, cos, w, phi)`` on a chosen backend.
 
 It runs the fused kernel when it can (sum / pcgrad / gradvac, K <= 8, no batch-level
-sample weighting), otherwise gram -> solve -> sample weights -> combine. After the
+sample weighting), otherwise gram -> solve -> combine; the API layer
+(``gradharmony.api.pipeline``) adds the curriculum and the rule state update between
+the solve and the combine, from the same phases. After the
 Gram pass it makes one health check of the B*K Gram diagonals (one host sync) and
 repairs the rare samples whose squared norms over- or underflow the accumulation
 dtype (|g| beyond ~1e19 or below ~1e-15 in float32): their coefficients are solved on
@@ -21,12 +23,14 @@ from torch import Tensor
 from . import reference
 from .backends import FUSED_MAX_K, select_backend
 
-__all__ = ["EngineOutput", "NONFINITE_POLICIES", "NonFiniteGradientError", "run"]
+__all__ = [
+    "EngineOutput", "Health", "NONFINITE_POLICIES", "NonFiniteGradientError", "gram_pass", "health_check",
+    "kernel_solve", "repaired_input", "run", "solve_rows",
+]
 
 NONFINITE_POLICIES = ("raise", "skip", "zero", "propagate")
 
 SolveFn = Callable[[Tensor], tuple[Tensor, Optional[Tensor]]]
-WeightFn = Callable[[Tensor], Tensor]
 
 
 class NonFiniteGradientError(ValueError):
@@ -102,6 +106,132 @@ def _first_nonfinite(G: Tensor, idx: Tensor, finite_rows: Tensor) -> str:
     )
 
 
+@dataclass
+class Health:
+    """Result of the one health check of a call (see :func:`health_check`).
+
+    Attributes:
+        gram: (B, K, K) Gram matrices to report: the true ``G_b G_b^T`` (may hold inf or 0
+            where it does not fit the dtype); for non-finite samples under ``"skip"`` /
+            ``"zero"`` the Gram of the repaired gradients (rows zeroed / entries zeroed).
+        gram_solve: (B, K, K) Gram matrices to solve on: ``gram``, with the rows that over-
+            or underflow replaced by the Gram of the sample divided by its largest entry.
+        finite: (B,) bool, False for samples whose gradients hold NaN/inf.
+        repaired: (n,) indices of samples whose ``gram_solve`` row differs from the Gram
+            the backend returned (their coefficients must be solved again), or None.
+        nonfinite_samples: (m,) indices of the samples with NaN/inf, or None.
+    """
+
+    gram: Tensor
+    gram_solve: Tensor
+    finite: Tensor
+    repaired: Optional[Tensor] = None
+    nonfinite_samples: Optional[Tensor] = None
+
+    @property
+    def clean(self) -> bool:
+        return self.repaired is None and self.nonfinite_samples is None
+
+
+def check_policy(nonfinite: str) -> None:
+    if nonfinite not in NONFINITE_POLICIES:
+        raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
+
+
+def health_check(G: Tensor, M: Tensor, nonfinite: str = "raise") -> Health:
+    """The health check of the Gram diagonals of ``G`` (B, K, D); one host sync.
+
+    Samples whose squared norms are NaN/inf, zero or out of the safe range of the
+    accumulation dtype are looked at again (a rare path): non-finite ones follow the
+    ``nonfinite`` policy ("raise": :class:`NonFiniteGradientError`; "skip": treated as
+    zero gradients, to be given weight 0 by the caller; "zero": the non-finite entries
+    zeroed; "propagate": left as they are), finite ones get a rescaled Gram to solve on.
+
+    Args:
+        G: (B, K, D) gradients; M: their Gram matrices (B, K, K) from a backend.
+    """
+    check_policy(nonfinite)
+    B = G.shape[0]
+    finite = torch.ones(B, dtype=torch.bool, device=G.device)
+    if not _needs_repair(M):  # the one host sync of a call
+        return Health(gram=M, gram_solve=M, finite=finite)
+    idx = _bad_samples(M)
+    Gi = G.index_select(0, idx)
+    finite_rows = torch.isfinite(Gi).all(-1).all(-1)  # (n,)
+    nonfinite_idx = None
+    if not bool(finite_rows.all()):
+        if nonfinite == "raise":
+            raise NonFiniteGradientError(_first_nonfinite(G, idx, torch.isfinite(Gi).all(-1)))
+        nonfinite_idx = idx[~finite_rows]
+        finite[nonfinite_idx] = False
+        if nonfinite == "propagate":  # leave them as computed, repair the others
+            idx, Gi = idx[finite_rows], Gi[finite_rows]
+        elif nonfinite == "zero":
+            Gi = torch.nan_to_num(Gi, nan=0.0, posinf=0.0, neginf=0.0)
+        else:  # skip: out of the batch; a zero gradient keeps every later step finite
+            Gi = torch.where(finite_rows.view(-1, 1, 1), Gi, torch.zeros_like(Gi))
+    M, M_solve = M.clone(), M.clone()
+    if idx.numel() > 0:
+        true_i = reference.gram(Gi.to(torch.float64)).to(M.dtype)  # may be 0/inf: it is the truth
+        M[idx] = true_i
+        # rescale only where needed (a row zeroed under "zero" may be in range again)
+        d = true_i.diagonal(dim1=1, dim2=2)
+        safe = ((d >= _tiny(M.dtype)) & (d <= _huge(M.dtype))).all(-1)
+        M_solve[idx] = torch.where(safe.view(-1, 1, 1), true_i, _scaled_gram(Gi).to(M.dtype))
+    return Health(gram=M, gram_solve=M_solve, finite=finite,
+                  repaired=idx if idx.numel() > 0 else None, nonfinite_samples=nonfinite_idx)
+
+
+def kernel_solve(be, G: Tensor, method: int, order: Optional[Tensor], target: Optional[Tensor],
+                 reduction: Optional[str]) -> tuple[Optional[Tensor], Tensor, Tensor, Tensor, Optional[Tensor]]:
+    """``(out, M, cos, w, phi)`` of a kernel rule from the backend, in one place.
+
+    With ``reduction`` ("none"/"sum") the backend's fused op also combines (``out``);
+    with ``None`` the backend's solve op gives only M, cos, w, phi (the caller combines with
+    other weights) and ``out`` is None.
+    """
+    if reduction is not None:
+        return tuple(be.fused(G, method, order, target, reduction))
+    # a kernel rule under a curriculum: the backend's solve op (Gram + in-kernel solve, no
+    # combine) gives M, cos, w, phi; the caller combines with the curriculum's weights
+    M, cos, w, phi = be.solve(G, method, order, target)
+    return None, M, cos, w, phi
+
+
+def solve_rows(M_solve: Tensor, method: Optional[int], order, target, solve_fn: Optional[SolveFn],
+               solved: Optional[tuple[Tensor, Tensor, Optional[Tensor]]] = None,
+               rows: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """``(cos, w, phi)`` solved on ``M_solve`` (B, K, K).
+
+    With ``solved`` (from a kernel on the unrepaired Gram) only ``rows`` are solved again.
+    """
+    if solved is None:
+        return _solve(M_solve, method, order, target, solve_fn)
+    cos, w, phi = solved
+    if rows is None or rows.numel() == 0:
+        return cos, w, phi
+    order_i = order.index_select(0, rows) if order is not None else None
+    cos_i, w_i, phi_i = _solve(M_solve.index_select(0, rows), method, order_i, target, solve_fn)
+    cos, w = cos.clone(), w.clone()
+    cos[rows] = cos_i.to(cos.dtype)
+    w[rows] = w_i.to(w.dtype)
+    if phi is not None and phi_i is not None:
+        phi = phi.clone()
+        phi[rows] = phi_i.to(phi.dtype)
+    return cos, w, phi
+
+
+def repaired_input(G: Tensor, health: Health, nonfinite: str) -> Tensor:
+    """G with the ``nonfinite`` policy applied ("skip": rows zeroed; "zero": entries zeroed)."""
+    if health.nonfinite_samples is None or nonfinite not in ("skip", "zero"):
+        return G
+    if nonfinite == "zero":
+        return torch.nan_to_num(G, nan=0.0, posinf=0.0, neginf=0.0)
+    Gs = G.clone()
+    Gs[health.nonfinite_samples] = 0
+    return Gs
+
+
 def run(
     G: Tensor,
     *,
@@ -110,11 +240,15 @@ def run(
     order: Optional[Tensor] = None,
     target: Optional[Tensor] = None,
     solve_fn: Optional[SolveFn] = None,
-    weight_fn: Optional[WeightFn] = None,
     reduction: str = "none",
     nonfinite: str = "raise",
 ) -> EngineOutput:
-    """Harmonize validated, contiguous per-sample gradients.
+    """Harmonize validated, contiguous per-sample gradients without sample weighting.
+
+    Gram -> one health check -> solve -> combine (fused into one kernel where possible).
+    Callers that weight samples (a curriculum) use the phases :func:`health_check`,
+    :func:`solve_rows` and the backend's ``combine`` (see ``gradharmony.api.pipeline``).
+    Samples skipped under ``nonfinite="skip"`` get weight 0 and a zero output row.
 
     Args:
         G: (B, K, D) contiguous floating tensor.
@@ -122,122 +256,39 @@ def run(
         method: kernel method id (0 sum, 1 pcgrad, 2 gradvac) or ``None`` to use ``solve_fn``.
         order, target: rule parameters for the kernel methods.
         solve_fn: ``M -> (w, phi)`` for rules without a kernel.
-        weight_fn: ``cos (B, K, K) -> s (B,)`` per-sample factor (the curriculum).
         reduction: "none" or "sum".
         nonfinite: one of :data:`NONFINITE_POLICIES`.
     """
-    if nonfinite not in NONFINITE_POLICIES:
-        raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
+    check_policy(nonfinite)
     be = select_backend(backend, G)
-    B, K, D = G.shape
-    fusable = method is not None and K <= FUSED_MAX_K and weight_fn is None
-    if fusable:
-        out, M, cos, w, phi = be.fused(G, method, order, target, reduction)
-        s = None
-    elif method is not None and K <= FUSED_MAX_K:
-        # a kernel rule under a curriculum: the backend's solve op (gram + in-kernel solve, no
-        # combine) gives M, cos, w, phi; the weighted combine follows below
-        M, cos, w, phi = be.solve(G, method, order, target)
-        out = s = None
+    K = G.shape[1]
+    solved = None
+    out = None
+    if method is not None and K <= FUSED_MAX_K:
+        out, M, cos, w, phi = kernel_solve(be, G, method, order, target, reduction)
+        solved = (cos, w, phi)
     else:
         M = be.gram(G)
-        cos, w, phi = _solve(M, method, order, target, solve_fn)
-        out = s = None
-
-    nonfinite_idx = None
-    if _needs_repair(M):  # the one host sync of a call
-        idx = _bad_samples(M)
-        Gi = G.index_select(0, idx)
-        finite_rows = torch.isfinite(Gi).all(-1)  # (n, K)
-        if not bool(finite_rows.all()):
-            if nonfinite == "raise":
-                raise NonFiniteGradientError(_first_nonfinite(G, idx, finite_rows))
-            if nonfinite in ("skip", "zero"):
-                bad_samples = idx[~finite_rows.all(-1)]
-                Gs = G.clone()
-                wf = weight_fn
-                if nonfinite == "zero":
-                    Gs = torch.nan_to_num_(Gs, nan=0.0, posinf=0.0, neginf=0.0)
-                else:
-                    Gs[bad_samples] = 0
-                    if weight_fn is not None:
-                        # a skipped sample is out of the batch for the curriculum too: its
-                        # score must not enter the quantile or the normalization
-                        keep = torch.ones(B, dtype=torch.bool, device=G.device)
-                        keep[bad_samples] = False
-
-                        def _skip_wf(cos: Tensor, keep: Tensor = keep, inner: WeightFn = weight_fn) -> Tensor:
-                            s_keep = inner(cos[keep])
-                            s_all = s_keep.new_zeros(cos.shape[0])
-                            s_all[keep] = s_keep
-                            return s_all
-
-                        wf = _skip_wf
-                res = run(Gs, backend=backend, method=method, order=order, target=target,
-                          solve_fn=solve_fn, weight_fn=wf, reduction=reduction,
-                          nonfinite="raise")
-                res.nonfinite_samples = bad_samples
-                if nonfinite == "skip":
-                    # a skipped sample is out of the batch: weight 0, output row 0
-                    res.weights[bad_samples] = 0
-                return res
-            # propagate: leave non-finite samples as computed, repair the others
-            nonfinite_idx = idx[~finite_rows.all(-1)]
-            keep = finite_rows.all(-1)
-            idx, Gi = idx[keep], Gi[keep]
-        if idx.numel() > 0:
-            Mi = _scaled_gram(Gi).to(M.dtype)
-            order_i = order.index_select(0, idx) if order is not None else None
-            cos_i, w_i, phi_i = _solve(Mi, method, order_i, target, solve_fn)
-            cos = cos.clone()
-            w = w.clone()
-            cos[idx] = cos_i
-            w[idx] = w_i.to(w.dtype)
-            if phi is not None and phi_i is not None:
-                phi = phi.clone()
-                phi[idx] = phi_i
-            M = M.clone()
-            true_gram = reference.gram(Gi.to(torch.float64)).to(M.dtype)  # may be 0/inf: it is the truth
-            M[idx] = true_gram
-            if fusable:
-                out = be.combine(G, w, reduction)
-    if not fusable:
-        if weight_fn is not None:
-            s = weight_fn(cos)
-            w = w * s.to(w.dtype).unsqueeze(-1)
-        out = be.combine(G, w, reduction)
-    return EngineOutput(out=out, gram=M, cos=cos, weights=w, phi=phi, sample_weights=s,
-                        backend=be.name, nonfinite_samples=nonfinite_idx)
+    h = health_check(G, M, nonfinite)
+    cos, w, phi = solve_rows(h.gram_solve, method, order, target, solve_fn, solved, h.repaired)
+    if nonfinite == "skip" and h.nonfinite_samples is not None:
+        w = w.clone()
+        w[h.nonfinite_samples] = 0
+    stale = h.repaired is not None or (h.nonfinite_samples is not None and nonfinite in ("skip", "zero"))
+    if out is None or stale:
+        out = be.combine(repaired_input(G, h, nonfinite), w, reduction)
+    return EngineOutput(out=out, gram=h.gram, cos=cos, weights=w, phi=phi, sample_weights=None,
+                        backend=be.name, nonfinite_samples=h.nonfinite_samples)
 
 
 def gram_pass(G: Tensor, *, backend: str = "auto", nonfinite: str = "raise") -> tuple[Tensor, Tensor, Tensor]:
-    """Gram matrices with the same health check as :func:`run`, for two-phase callers.
+    """Gram matrices with the health check of :func:`run`, for two-phase callers.
 
     Args:
         G: (B, K, D) contiguous gradients (e.g. one chunk of samples).
     Returns:
-        ``(M, M_solve, finite)``: the true Gram (B, K, K) (may hold inf/0 where it does not
-        fit the dtype), the Gram to solve on (rescaled per sample where needed; rules are
-        invariant to that scale; with ``nonfinite="zero"`` computed with the non-finite entries
-        zeroed), and a (B,) bool mask of samples whose gradients are finite.
+        ``(M, M_solve, finite)`` (see :class:`Health`).
     """
-    if nonfinite not in NONFINITE_POLICIES:
-        raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
-    be = select_backend(backend, G)
-    M = be.gram(G)
-    M_solve = M
-    finite = torch.ones(G.shape[0], dtype=torch.bool, device=G.device)
-    if _needs_repair(M):
-        idx = _bad_samples(M)
-        Gi = G.index_select(0, idx)
-        finite_rows = torch.isfinite(Gi).all(-1)
-        if not bool(finite_rows.all()):
-            if nonfinite == "raise":
-                raise NonFiniteGradientError(_first_nonfinite(G, idx, finite_rows))
-            finite[idx[~finite_rows.all(-1)]] = False
-            if nonfinite == "zero":
-                Gi = torch.nan_to_num(Gi, nan=0.0, posinf=0.0, neginf=0.0)
-        M, M_solve = M.clone(), M.clone()
-        M[idx] = reference.gram(Gi.to(torch.float64)).to(M.dtype)
-        M_solve[idx] = _scaled_gram(Gi).to(M.dtype)
-    return M, M_solve, finite
+    check_policy(nonfinite)
+    h = health_check(G, select_backend(backend, G).gram(G), nonfinite)
+    return h.gram, h.gram_solve, h.finite

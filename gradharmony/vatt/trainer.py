@@ -229,7 +229,7 @@ class Trainer:
         elif h.level == "parameter":
             self.hopt = gh.HarmonizedOptimizer(self.optimizer, method=h.method, curriculum=self.curriculum,
                                                granularity="sample", chunk_size=h.chunk_size, backend=h.backend,
-                                               nonfinite=h.nonfinite)
+                                               nonfinite=h.nonfinite, loss_reduction="sum")
 
     @property
     def harmony(self) -> Optional[Any]:
