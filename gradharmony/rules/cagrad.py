@@ -1,0 +1,130 @@
+"""CAGrad: conflict-averse gradient descent (Liu et al., "Conflict-Averse Gradient Descent
+for Multi-task Learning", NeurIPS 2021, eq. 2-3 and Algorithm 1), per sample.
+
+With ``g0 = mean_k g_k`` and ``s = c |g0|``, CAGrad's direction is the maximizer of the
+worst-case improvement in a ball around the average,
+
+    d* = argmax_{|d - g0| <= s} min_k g_k . d,
+
+through its dual ``w* = argmin_{w in simplex} F(w) = g_w . g0 + s |g_w|`` (``g_w = w^T G``):
+``d* = g0 + (s / |g_w*|) g_w*``. Both sides have the same optimal value ``V* = F(w*)``.
+
+**Solve, exact for every K.** For ``tau > 0`` let ``w(tau) = argmin_{w in simplex}
+1/2 |g_w|^2 + tau g_w . g0`` (a simplex QP, solved exactly on its active set by
+:mod:`gradharmony.rules._qp`). By the perspective form ``s |x| = min_tau |x|^2 / (2 tau) +
+s^2 tau / 2``, ``w*`` is ``w(tau*)`` where ``|g_w(tau)| = s tau`` and ``|g_w(tau)| / tau`` is
+non-increasing; ``tau*`` is found by bisection on ``log tau`` to float64 resolution, each
+step warm-started on the previous active set. Then ``lambda = s / |g_w*|``.
+
+**Pareto-stationary samples.** When 0 lies in the hull of the gradients and the ball reaches
+the dual cone ``C = {d : g_k . d >= 0 for all k}``, the optimal value is ``V* = 0``, the dual
+optimum has ``g_w* = 0`` and the formula above divides by zero; every ``d`` of the ball with
+``min_k g_k . d = 0`` (the ball's part of C) is optimal. gradharmony then returns the optimal
+``d`` nearest ``g0``: the projection ``P_C(g0) = g0 + G^T v`` (``v >= 0``, the same
+non-negative QP as UPGrad's), which lies in the ball. It is also the limit of
+``g0 + lambda g_w`` along the dual path. A sample is treated as stationary when its
+min-norm point is below ``2 sqrt(K eps)`` times the RMS gradient norm (``eps`` of the Gram's
+dtype: the resolution of a norm read from a Gram matrix) and ``|P_C(g0) - g0| <= s``.
+E.g. ``G = [[0, 1], [1, 1], [0, -2]]``, ``c = 0.4``: ``g0`` is in C, the output is
+``K g0 = [1, 0]``; ``G = [[-1, 2], [1, 1], [-1, -1]]``: the output is ``[-1.5, 1.5]``.
+
+Conventions (docs/RULES.md): returned as the weights of ``K d*`` (``c = 0`` gives ``sum``).
+The official code and LibMTL return ``d* / (1 + c^2)`` (``rescale=1``, their default) or
+``d* / (1 + c)`` (``rescale=2``); torchjd returns ``d*`` computed on the Gram matrix
+normalized to unit trace-ish scale (``normalize``) and 0 at a Pareto-stationary sample.
+Default ``c = 0.4`` (the paper's multi-task setting); LibMTL and torchjd examples use 0.5.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ._qp import active_set_qp
+from .base import Rule, check_float, check_max_iter, solve_float64
+from .upgrad import dual_cone_weights
+
+__all__ = ["CAGrad", "cagrad_weights", "BISECTION_STEPS"]
+
+#: Bisection steps on log(tau): the bracket is at most ~80 wide, 2^-64 of it is < 1e-17.
+BISECTION_STEPS = 64
+
+
+def _norm(M: Tensor, w: Tensor) -> Tensor:
+    return torch.einsum("bk,bkj,bj->b", w, M, w).clamp_min(0).sqrt()
+
+
+def cagrad_weights(M: Tensor, c: float = 0.4, max_iter: Optional[int] = None) -> Tensor:
+    """CAGrad weights per sample: ``K d* = w^T G`` with ``w = K (1/K + lambda w*)``.
+
+    Args:
+        M: (B, K, K) Gram matrices (any float dtype; solved in float64 after scaling each
+            sample by its mean diagonal, which CAGrad's direction is equivariant to).
+        c: radius factor, >= 0.
+        max_iter: cap on active-set steps of each QP solve.
+    Returns:
+        (B, K) float64 weights (stationary samples: ``K (1/K + v)``, see the module doc).
+    """
+    B, K, _ = M.shape
+    eps = torch.finfo(M.dtype).eps
+    Mn = solve_float64(M)
+    dt, dev = Mn.dtype, Mn.device
+    u = torch.full((B, K), 1.0 / K, dtype=dt, device=dev)
+    if c == 0:
+        return K * u
+    b = torch.einsum("bkj,bj->bk", Mn, u)  # g_k . g0
+    s = c * (b * u).sum(-1).clamp_min(0).sqrt()
+    zeros = torch.zeros(B, K, dtype=dt, device=dev)
+    w_min, _ = active_set_qp(Mn, zeros, simplex=True, max_iter=max_iter)
+    t_min = _norm(Mn, w_min)
+    # the projection of g0 onto the dual cone: weights u + v
+    uv = dual_cone_weights(Mn, u.unsqueeze(1), max_iter).squeeze(1)
+    r = _norm(Mn, uv - u)
+    tol_t = 2.0 * math.sqrt(K * eps)
+    stationary = ((t_min <= tol_t) & (r <= s)) | (s <= 0)
+    # bisection on log tau for |g_w(tau)| = s tau (h = |g_w| / tau - s is non-increasing)
+    t_max = Mn.diagonal(dim1=1, dim2=2).amax(-1).clamp_min(0).sqrt()
+    s_safe = torch.where(s > 0, s, torch.ones_like(s))
+    tiny = 1e-300
+    lo = torch.log(torch.minimum(t_min, torch.full_like(t_min, tol_t)).clamp_min(tiny) / s_safe)
+    lo = torch.maximum(lo, torch.log(t_max.clamp_min(tiny) / s_safe) - 80.0)
+    hi = torch.log(t_max.clamp_min(tiny) / s_safe)
+    w = w_min
+    for _ in range(BISECTION_STEPS):
+        mid = 0.5 * (lo + hi)
+        tau = torch.exp(mid)
+        w, _ = active_set_qp(Mn, tau.unsqueeze(-1) * b, simplex=True, w0=w, max_iter=max_iter)
+        above = _norm(Mn, w) >= s * tau  # h(mid) >= 0: the root is to the right
+        lo = torch.where(above, mid, lo)
+        hi = torch.where(above, hi, mid)
+    tau = torch.exp(0.5 * (lo + hi))
+    w, _ = active_set_qp(Mn, tau.unsqueeze(-1) * b, simplex=True, w0=w, max_iter=max_iter)
+    t = _norm(Mn, w)
+    lam = torch.where(t > 0, s / torch.where(t > 0, t, torch.ones_like(t)), torch.zeros_like(t))
+    out = u + lam.unsqueeze(-1) * w
+    out = torch.where(stationary.unsqueeze(-1), uv, out)
+    return K * out
+
+
+class CAGrad(Rule):
+    """CAGrad per sample (Liu et al., NeurIPS 2021), exact for every K.
+
+    Args:
+        c: radius of the conflict-averse ball, ``|d - g0| <= c |g0|`` (paper: 0.4), >= 0.
+        max_iter: cap on the active-set steps of each QP solve (None: 4K + 20).
+    """
+
+    name = "cagrad"
+
+    def __init__(self, c: float = 0.4, max_iter: Optional[int] = None) -> None:
+        self.c = check_float("c", c, 0.0)
+        self.max_iter = check_max_iter(max_iter)
+
+    def solve(self, M: Tensor) -> tuple[Tensor, Optional[Tensor]]:
+        return cagrad_weights(M, self.c, self.max_iter).to(M.dtype), None
+
+    def __repr__(self) -> str:
+        return f"CAGrad(c={self.c}, max_iter={self.max_iter})"
