@@ -13,8 +13,11 @@ through its dual ``w* = argmin_{w in simplex} F(w) = g_w . g0 + s |g_w|`` (``g_w
 1/2 |g_w|^2 + tau g_w . g0`` (a simplex QP, solved exactly on its active set by
 :mod:`gradharmony.rules._qp`). By the perspective form ``s |x| = min_tau |x|^2 / (2 tau) +
 s^2 tau / 2``, ``w*`` is ``w(tau*)`` where ``|g_w(tau)| = s tau`` and ``|g_w(tau)| / tau`` is
-non-increasing; ``tau*`` is found by bisection on ``log tau`` to float64 resolution, each
-step warm-started on the previous active set. Then ``lambda = s / |g_w*|``.
+non-increasing. On a fixed active set ``w(tau)`` is affine in ``tau``, so the equation is a
+quadratic there: each step solves the QP at ``tau`` (warm-started), takes the root of that
+face's quadratic, and falls back to bisecting the bracket on ``log tau`` when the root leaves
+it; it ends when ``tau`` is stationary to float64 resolution, i.e. exact on the final active
+set. Then ``lambda = s / |g_w*|``.
 
 **Pareto-stationary samples.** When 0 lies in the hull of the gradients and the ball reaches
 the dual cone ``C = {d : g_k . d >= 0 for all k}``, the optimal value is ``V* = 0``, the dual
@@ -47,10 +50,44 @@ from ._qp import active_set_qp
 from .base import Rule, check_float, check_max_iter, solve_float64
 from .upgrad import dual_cone_weights
 
-__all__ = ["CAGrad", "cagrad_weights", "BISECTION_STEPS"]
+__all__ = ["CAGrad", "cagrad_weights"]
 
-#: Bisection steps on log(tau): the bracket is at most ~80 wide, 2^-64 of it is < 1e-17.
-BISECTION_STEPS = 64
+#: Cap on the root-finding steps on log(tau) (face root, else bisection of a bracket at most
+#: ~80 wide: 2^-64 of it is < 1e-17). The face root typically ends it in 2-4 steps.
+MAX_STEPS = 80
+
+
+def _face_root(M: Tensor, b: Tensor, s: Tensor, w: Tensor, tau: Tensor) -> Tensor:
+    """Root tau' of ``|g_w(tau')|^2 = s^2 tau'^2`` with w(tau') = p + tau' q on w's face.
+
+    On the face F = supp(w): ``M_FF w_F + nu 1 = -tau b_F``, ``sum w_F = 1``; q solves the
+    same bordered system with right-hand side ``(-b_F, 0)``, ``p = w - tau q``. Returns the
+    root where the quadratic crosses from + to - (NaN where there is none).
+    """
+    B, K = w.shape
+    m = (w > 0).to(M.dtype)
+    A = torch.zeros(B, K + 1, K + 1, dtype=M.dtype, device=M.device)
+    A[:, :K, :K] = M * (m.unsqueeze(-1) * m.unsqueeze(-2)) + torch.diag_embed(1 - m)
+    A[:, :K, K] = m
+    A[:, K, :K] = m
+    rhs = torch.zeros(B, K + 1, dtype=M.dtype, device=M.device)
+    rhs[:, :K] = -b * m
+    sol, info = torch.linalg.solve_ex(A, rhs)
+    q = torch.where((info == 0).unsqueeze(-1), sol[:, :K] * m, torch.nan)
+    p = w - tau.unsqueeze(-1) * q
+    a2 = torch.einsum("bk,bkj,bj->b", q, M, q) - s * s
+    a1 = torch.einsum("bk,bkj,bj->b", p, M, q)
+    a0 = torch.einsum("bk,bkj,bj->b", p, M, p)
+    disc = a1 * a1 - a2 * a0
+    # f(x) = a2 x^2 + 2 a1 x + a0 goes from + to - at x = (-a1 - sqrt(disc)) / a2 when a2 > 0
+    # is impossible beyond the larger root... take the root with f'(x) = 2 (a2 x + a1) < 0
+    sq = disc.clamp_min(0).sqrt()
+    r1 = (-a1 - sq) / a2
+    r2 = (-a1 + sq) / a2
+    r = torch.where(a2 * r1 + a1 < 0, r1, r2)
+    lin = -a0 / (2 * a1)  # a2 = 0
+    r = torch.where(a2 == 0, lin, r)
+    return torch.where(disc >= 0, r, torch.nan)
 
 
 def _norm(M: Tensor, w: Tensor) -> Tensor:
@@ -93,14 +130,24 @@ def cagrad_weights(M: Tensor, c: float = 0.4, max_iter: Optional[int] = None) ->
     lo = torch.maximum(lo, torch.log(t_max.clamp_min(tiny) / s_safe) - 80.0)
     hi = torch.log(t_max.clamp_min(tiny) / s_safe)
     w = w_min
-    for _ in range(BISECTION_STEPS):
-        mid = 0.5 * (lo + hi)
-        tau = torch.exp(mid)
-        w, _ = active_set_qp(Mn, tau.unsqueeze(-1) * b, simplex=True, w0=w, max_iter=max_iter)
-        above = _norm(Mn, w) >= s * tau  # h(mid) >= 0: the root is to the right
-        lo = torch.where(above, mid, lo)
-        hi = torch.where(above, hi, mid)
     tau = torch.exp(0.5 * (lo + hi))
+    for _ in range(MAX_STEPS):
+        w, _ = active_set_qp(Mn, tau.unsqueeze(-1) * b, simplex=True, w0=w, max_iter=max_iter)
+        above = _norm(Mn, w) >= s * tau  # h(tau) >= 0: the root is to the right
+        log_tau = torch.log(tau)
+        lo = torch.where(above, log_tau, lo)
+        hi = torch.where(above, hi, log_tau)
+        # on w's face, w(tau') = p + tau' q exactly: |g_w(tau')|^2 = s^2 tau'^2 is a quadratic
+        root = _face_root(Mn, b, s, w, tau)
+        ok = torch.isfinite(root) & (root > 0)
+        lr = torch.log(torch.where(ok, root, torch.ones_like(root)))
+        ok &= (lr >= lo) & (lr <= hi)
+        nxt = torch.where(ok, lr, 0.5 * (lo + hi))
+        converged = (nxt - log_tau).abs() <= 1e-13 * (1 + log_tau.abs())
+        tau = torch.exp(nxt)
+        converged |= stationary
+        if bool(converged.all()):
+            break
     w, _ = active_set_qp(Mn, tau.unsqueeze(-1) * b, simplex=True, w0=w, max_iter=max_iter)
     t = _norm(Mn, w)
     lam = torch.where(t > 0, s / torch.where(t > 0, t, torch.ones_like(t)), torch.zeros_like(t))
