@@ -5,7 +5,9 @@ Both solve, independently for each of N problems (vectorized, any device, float6
     min_w  1/2 w^T A w + q^T w   subject to  w >= 0           (``simplex=False``)
                                  or         w >= 0, sum w = 1 (``simplex=True``)
 
-with A (N, K, K) symmetric positive semi-definite. The method is the primal active-set
+with A (N, K, K) symmetric positive semi-definite and q in the range of A (``q = A x``; any q
+when A is positive definite): then both are least-squares / min-norm-point problems
+(``1/2 |G^T w + G^T x|^2`` up to a constant), the case of every rule here. The method is the primal active-set
 method (Nocedal & Wright, *Numerical Optimization*, 2nd ed., Algorithm 16.3) in the form of
 Lawson & Hanson's NNLS (*Solving Least Squares Problems*, 1974, ch. 23) and Wolfe's
 minimum-norm-point algorithm (*Math. Programming* 11, 1976): on the current free set F the
@@ -45,7 +47,7 @@ def active_set_qp(
 
     Args:
         A: (N, K, K) symmetric PSD, float64.
-        q: (N, K) linear term.
+        q: (N, K) linear term, in the range of A.
         simplex: add the constraint ``sum w = 1``.
         w0: optional (N, K) feasible start (warm start; its support is the first free set).
             Default: 0 (NNLS) or the best vertex (simplex).

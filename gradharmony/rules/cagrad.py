@@ -53,7 +53,7 @@ from .upgrad import dual_cone_weights
 __all__ = ["CAGrad", "cagrad_weights"]
 
 #: Cap on the root-finding steps on log(tau) (face root, else bisection of a bracket at most
-#: ~80 wide: 2^-64 of it is < 1e-17). The face root typically ends it in 2-4 steps.
+#: log(max|g_k| / tol) <~ 20 wide: 2^-60 of it is < 2e-17). The face root usually ends it in a few steps.
 MAX_STEPS = 80
 
 
@@ -79,8 +79,8 @@ def _face_root(M: Tensor, b: Tensor, s: Tensor, w: Tensor, tau: Tensor) -> Tenso
     a1 = torch.einsum("bk,bkj,bj->b", p, M, q)
     a0 = torch.einsum("bk,bkj,bj->b", p, M, p)
     disc = a1 * a1 - a2 * a0
-    # f(x) = a2 x^2 + 2 a1 x + a0 goes from + to - at x = (-a1 - sqrt(disc)) / a2 when a2 > 0
-    # is impossible beyond the larger root... take the root with f'(x) = 2 (a2 x + a1) < 0
+    # f(x) = a2 x^2 + 2 a1 x + a0 (|g_w|^2 - s^2 x^2): take the root where f decreases,
+    # f'(x) = 2 (a2 x + a1) < 0, as h does
     sq = disc.clamp_min(0).sqrt()
     r1 = (-a1 - sq) / a2
     r2 = (-a1 + sq) / a2
@@ -126,11 +126,14 @@ def cagrad_weights(M: Tensor, c: float = 0.4, max_iter: Optional[int] = None) ->
     t_max = Mn.diagonal(dim1=1, dim2=2).amax(-1).clamp_min(0).sqrt()
     s_safe = torch.where(s > 0, s, torch.ones_like(s))
     tiny = 1e-300
-    lo = torch.log(torch.minimum(t_min, torch.full_like(t_min, tol_t)).clamp_min(tiny) / s_safe)
-    lo = torch.maximum(lo, torch.log(t_max.clamp_min(tiny) / s_safe) - 80.0)
+    # h(tau_lo) >= 0 at tau_lo = max(t_min, tol_t) / s: |g_w| >= t_min, and where t_min < tol_t
+    # (0 in the hull to the Gram's resolution, not stationary) |g_w(tau)| ~ r tau with r > s.
+    # Below tol_t a norm read from the Gram is rounding: the bracket stays above it.
+    lo = torch.log(t_min.clamp_min(tol_t) / s_safe)
     hi = torch.log(t_max.clamp_min(tiny) / s_safe)
     w = w_min
     tau = torch.exp(0.5 * (lo + hi))
+    width_2 = width_1 = torch.full_like(lo, math.inf)
     for _ in range(MAX_STEPS):
         w, _ = active_set_qp(Mn, tau.unsqueeze(-1) * b, simplex=True, w0=w, max_iter=max_iter)
         above = _norm(Mn, w) >= s * tau  # h(tau) >= 0: the root is to the right
@@ -141,9 +144,17 @@ def cagrad_weights(M: Tensor, c: float = 0.4, max_iter: Optional[int] = None) ->
         root = _face_root(Mn, b, s, w, tau)
         ok = torch.isfinite(root) & (root > 0)
         lr = torch.log(torch.where(ok, root, torch.ones_like(root)))
-        ok &= (lr >= lo) & (lr <= hi)
-        nxt = torch.where(ok, lr, 0.5 * (lo + hi))
-        converged = (nxt - log_tau).abs() <= 1e-13 * (1 + log_tau.abs())
+        # tau is the root of its own face's quadratic: exact on this active set
+        converged = ok & ((lr - log_tau).abs() <= 1e-13 * (1 + log_tau.abs()))
+        # safeguard (as in Brent's method): take the root only strictly inside the bracket and
+        # while the bracket halves at least every two steps; else bisect (two faces whose
+        # roots lie on each other's side would otherwise alternate for ever)
+        slack = 1e-13 * (1 + lo.abs() + hi.abs())
+        ok &= (lr > lo + slack) & (lr < hi - slack)
+        width = hi - lo
+        ok &= width <= 0.5 * width_2
+        width_2, width_1 = width_1, width
+        nxt = torch.where(converged, log_tau, torch.where(ok, lr, 0.5 * (lo + hi)))
         tau = torch.exp(nxt)
         converged |= stationary
         if bool(converged.all()):

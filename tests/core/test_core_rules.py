@@ -93,10 +93,11 @@ def _cagrad_check(G, out, c):
     return ((primal - dual) / scale).abs()
 
 
-@pytest.mark.parametrize("K,D", [(3, 7), (9, 12), (12, 14)])
+@pytest.mark.parametrize("K,D", [(3, 7), (9, 12), (12, 5)])
 def test_cagrad_zero_duality_gap_every_k(K, D, gen):
-    """Non-stationary samples: zero duality gap. Samples with 0 in the hull (K > D): V* <= 0, so a
-    d of the ball with min_k g_k . d = 0 is optimal."""
+    """Zero duality gap. A sample with 0 in the hull (K > D) has V* <= 0, so a d of the ball with
+    min_k g_k . d = 0 is optimal (the Pareto-stationary case, where the dual has g_w* = 0);
+    otherwise the gap to the dual value of the returned w* must vanish."""
     G = _grads(12, K, D, gen)
     scale = G.norm(dim=-1).amax(-1)
     stationary = gh.harmonize(G, "mgda", backend="torch").grad.norm(dim=-1) <= 1e-9 * scale
@@ -104,7 +105,6 @@ def test_cagrad_zero_duality_gap_every_k(K, D, gen):
         res = gh.harmonize(G, "cagrad", c=c, backend="torch")
         gap = _cagrad_check(G, res.grad, c)
         primal = torch.einsum("bkd,bd->bk", G, res.grad / K).min(-1).values
-        assert (primal[stationary] >= -1e-9 * scale[stationary] ** 2).all()
         gap = torch.where(stationary & (primal.abs() <= 1e-9 * scale**2), 0.0, gap)
         assert gap.max() <= 1e-9, f"CAGrad duality gap {float(gap.max()):.3e} (K={K}, c={c})"
 
@@ -124,16 +124,17 @@ def test_cagrad_kkt_stationarity(K, gen):
 
 
 def test_active_set_qp_kkt(gen):
-    G = _grads(40, 14, 6, gen)
-    M = G @ G.transpose(1, 2)
-    for simplex in (True, False):
-        # NNLS is bounded only for q in the range of M (as in UPGrad and CAGrad: q = M u)
-        x = torch.randn(40, 14, dtype=F64, generator=gen)
-        q = x if simplex else torch.einsum("bij,bj->bi", M, x)
-        w, ok = active_set_qp(M, q, simplex)
-        assert ok.all()
-        r = kkt_residual(M, q, w, simplex)
-        assert r.max() <= 1e-12, f"simplex={simplex}: KKT residual {float(r.max()):.3e}"
+    """Positive-definite A with any q, and singular A (K > D) with q in its range."""
+    for K, D in ((6, 14), (14, 6)):
+        G = _grads(40, K, D, gen)
+        M = G @ G.transpose(1, 2)
+        x = torch.randn(40, K, dtype=F64, generator=gen)
+        q = x * M.diagonal(dim1=1, dim2=2).mean(-1, keepdim=True) if K <= D else torch.einsum("bij,bj->bi", M, x)
+        for simplex in (True, False):
+            w, ok = active_set_qp(M, q, simplex)
+            assert ok.all()
+            r = kkt_residual(M, q, w, simplex)
+            assert r.max() <= 1e-10, f"K={K} D={D} simplex={simplex}: KKT residual {float(r.max()):.3e}"
 
 
 # ---------------------------------------------------------------- UPGrad
@@ -141,14 +142,21 @@ def test_active_set_qp_kkt(gen):
 @pytest.mark.parametrize("K", [2, 3, 5])
 def test_upgrad_matches_torchjd_single_samples(K, gen):
     agg = pytest.importorskip("torchjd.aggregation")
-    pytest.importorskip("quadprog")  # torchjd's default dual-cone projector
+    pytest.importorskip("quadprog")  # torchjd's dual-cone projector
+    from torchjd.linalg import QuadprogProjector
+
+    # torchjd's default projector normalizes and regularizes the Gram (norm_eps = reg_eps = 1e-4);
+    # unregularized it solves the same projection exactly
+    exact = QuadprogProjector(norm_eps=0.0, reg_eps=0.0)
     G = _grads(6, K, 9, gen)
-    res = gh.harmonize(G, "upgrad", backend="torch")
-    for b in range(6):
-        w_jd = agg.UPGradWeighting()(G[b] @ G[b].T)
-        close(res.weights[b] / K, w_jd, 1e-6, scale=float(w_jd.abs().max()), msg=f"UPGrad vs torchjd, sample {b}")
-    gd = torch.einsum("bkd,bd->bk", G, res.grad)
-    assert (gd >= -1e-9 * G.norm(dim=-1) * res.grad.norm(dim=-1, keepdim=True)).all(), "UPGrad conflicts"
+    for dtype, tol in ((F64, 1e-10), (torch.float32, 1e-5)):
+        res = gh.harmonize(G.to(dtype), "upgrad", backend="torch")
+        for b in range(6):
+            w_jd = agg.UPGradWeighting(projector=exact)(G[b] @ G[b].T)
+            close(res.weights[b] / K, w_jd, tol, msg=f"UPGrad / K vs torchjd UPGradWeighting, sample {b}, {dtype}")
+        out = res.grad.to(F64)
+        gd = torch.einsum("bkd,bd->bk", G, out)
+        assert (gd >= -tol * G.norm(dim=-1) * out.norm(dim=-1, keepdim=True)).all(), "UPGrad conflicts"
 
 
 def test_upgrad_no_conflict_is_sum(gen):
