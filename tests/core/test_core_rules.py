@@ -245,6 +245,22 @@ def test_convention_cagrad_scale_vs_official(rescale, gen):
         close(ours[b] / factor, ref, 2e-4, msg=f"K d*/factor vs official CAGrad, sample {b}")
 
 
+def test_convention_cagrad_vs_torchjd(gen):
+    """torchjd's CAGradWeighting returns 1/K + lambda w* (ours / K), and 0 at a stationary sample."""
+    agg = pytest.importorskip("torchjd.aggregation")
+    pytest.importorskip("cvxpy")
+    pytest.importorskip("clarabel")
+    G = _grads(4, 3, 6, gen)
+    res = gh.harmonize(G, "cagrad", c=0.5, backend="torch")
+    for b in range(4):
+        w_jd = agg.CAGradWeighting(c=0.5, norm_eps=0.0)(G[b] @ G[b].T)
+        close(res.weights[b] / 3, w_jd, 1e-5, msg=f"CAGrad / K vs torchjd, sample {b}")
+    g = torch.tensor([[-1.0, 2], [1, 1], [-1, -1]], dtype=F64)
+    assert torch.equal(agg.CAGradWeighting(c=0.4)(g @ g.T), torch.zeros(3, dtype=F64))
+    out = gh.harmonize(g[None], "cagrad", c=0.4, backend="torch").grad[0]
+    close(out, torch.tensor([-1.5, 1.5], dtype=F64), 1e-12, msg="stationary sample: nearest optimal d")
+
+
 def test_convention_mgda_scale_and_libmtl_l2(gen):
     agg = pytest.importorskip("torchjd.aggregation")
     G = _grads(4, 3, 7, gen)
