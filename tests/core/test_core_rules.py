@@ -109,6 +109,16 @@ def test_cagrad_zero_duality_gap_every_k(K, D, gen):
         assert gap.max() <= 1e-9, f"CAGrad duality gap {float(gap.max()):.3e} (K={K}, c={c})"
 
 
+@pytest.mark.parametrize("method", ["cagrad", "mgda", "upgrad"])
+@pytest.mark.parametrize("K", [3, 10])
+def test_float32_matches_float64(method, K, gen):
+    """Solved in float64 from the float32 Gram: right to float32 precision, for every K."""
+    G = _grads(16, K, 2 * K + 3, gen)
+    ref = gh.harmonize(G, method, backend="torch").grad
+    out = gh.harmonize(G.to(torch.float32), method, backend="torch").grad
+    close(out, ref, 1e-6, scale=float(G.norm(dim=-1).amax()) * K, msg=f"{method} K={K} float32 vs float64")
+
+
 @pytest.mark.parametrize("K", [3, 10])
 def test_cagrad_kkt_stationarity(K, gen):
     """On the support of w*, every g_k . d equals min_k g_k . d (the worst case is balanced)."""
