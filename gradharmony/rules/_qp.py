@@ -22,6 +22,7 @@ its active set (every K). :func:`kkt_residual` measures the KKT conditions of a 
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
@@ -128,6 +129,18 @@ def active_set_qp(
     if simplex:
         w = w / w.sum(-1, keepdim=True).clamp_min(torch.finfo(dt).tiny)
     return w, done & ~failed
+
+
+def warn_unconverged(converged: Tensor, rule: str, max_iter: Optional[int]) -> None:
+    """One ``RuntimeWarning`` naming the rule and the count of samples whose solve stopped early
+    (at the cap, or on a linear system singular to working precision); their weights are the
+    last feasible iterate."""
+    n = int((~converged).sum())
+    if n:
+        warnings.warn(
+            f"{rule}: the active-set solve of {n} of {converged.numel()} problems stopped before "
+            f"its KKT conditions held (max_iter={max_iter}); their weights are the last feasible "
+            "iterate (pass a larger max_iter)", RuntimeWarning, stacklevel=3)
 
 
 def kkt_residual(A: Tensor, q: Tensor, w: Tensor, simplex: bool) -> Tensor:

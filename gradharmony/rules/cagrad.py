@@ -46,7 +46,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._qp import active_set_qp
+from ._qp import active_set_qp, warn_unconverged
 from .base import Rule, check_float, check_max_iter, solve_float64
 from .upgrad import dual_cone_weights
 
@@ -115,7 +115,7 @@ def cagrad_weights(M: Tensor, c: float = 0.4, max_iter: Optional[int] = None) ->
     b = torch.einsum("bkj,bj->bk", Mn, u)  # g_k . g0
     s = c * (b * u).sum(-1).clamp_min(0).sqrt()
     zeros = torch.zeros(B, K, dtype=dt, device=dev)
-    w_min, _ = active_set_qp(Mn, zeros, simplex=True, max_iter=max_iter)
+    w_min, ok_min = active_set_qp(Mn, zeros, simplex=True, max_iter=max_iter)
     t_min = _norm(Mn, w_min)
     # the projection of g0 onto the dual cone: weights u + v
     uv = dual_cone_weights(Mn, u.unsqueeze(1), max_iter).squeeze(1)
@@ -159,7 +159,8 @@ def cagrad_weights(M: Tensor, c: float = 0.4, max_iter: Optional[int] = None) ->
         converged |= stationary
         if bool(converged.all()):
             break
-    w, _ = active_set_qp(Mn, tau.unsqueeze(-1) * b, simplex=True, w0=w, max_iter=max_iter)
+    w, ok = active_set_qp(Mn, tau.unsqueeze(-1) * b, simplex=True, w0=w, max_iter=max_iter)
+    warn_unconverged(ok_min & (ok | stationary), "cagrad", max_iter)
     t = _norm(Mn, w)
     lam = torch.where(t > 0, s / torch.where(t > 0, t, torch.ones_like(t)), torch.zeros_like(t))
     out = u + lam.unsqueeze(-1) * w

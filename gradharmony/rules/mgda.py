@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._qp import active_set_qp
+from ._qp import active_set_qp, warn_unconverged
 from .base import Rule, check_max_iter, solve_float64
 
 __all__ = ["MGDA", "min_norm_weights"]
@@ -39,8 +39,9 @@ def min_norm_weights(M: Tensor, max_iter: Optional[int] = None) -> Tensor:
     """
     Mn = solve_float64(M)
     B, K, _ = Mn.shape
-    w, _ = active_set_qp(Mn, torch.zeros(B, K, dtype=Mn.dtype, device=Mn.device), simplex=True,
-                         max_iter=max_iter)
+    w, ok = active_set_qp(Mn, torch.zeros(B, K, dtype=Mn.dtype, device=Mn.device), simplex=True,
+                          max_iter=max_iter)
+    warn_unconverged(ok, "mgda", max_iter)
     return w
 
 

@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._qp import active_set_qp
+from ._qp import active_set_qp, warn_unconverged
 from .base import Rule, check_max_iter, solve_float64
 
 __all__ = ["UPGrad", "dual_cone_weights"]
@@ -41,7 +41,8 @@ def dual_cone_weights(M: Tensor, U: Tensor, max_iter: Optional[int] = None) -> T
     B, P, K = U.shape
     A = M.unsqueeze(1).expand(B, P, K, K).reshape(B * P, K, K)
     q = torch.einsum("bpk,bkj->bpj", U, M).reshape(B * P, K)
-    V, _ = active_set_qp(A, q, simplex=False, max_iter=max_iter)
+    V, ok = active_set_qp(A, q, simplex=False, max_iter=max_iter)
+    warn_unconverged(ok, "dual-cone projection", max_iter)
     return U + V.view(B, P, K)
 
 

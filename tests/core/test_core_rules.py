@@ -264,7 +264,8 @@ def test_convention_cagrad_vs_torchjd(gen):
     res = gh.harmonize(G, "cagrad", c=0.5, backend="torch")
     for b in range(4):
         w_jd = agg.CAGradWeighting(c=0.5, norm_eps=0.0)(G[b] @ G[b].T)
-        close(res.weights[b] / 3, w_jd, 1e-5, msg=f"CAGrad / K vs torchjd, sample {b}")
+        # clarabel solves the dual to ~1e-8 in value: weights to ~1e-4
+        close(res.weights[b] / 3, w_jd, 3e-4, msg=f"CAGrad / K vs torchjd, sample {b}")
     g = torch.tensor([[-1.0, 2], [1, 1], [-1, -1]], dtype=F64)
     assert torch.equal(agg.CAGradWeighting(c=0.4)(g @ g.T), torch.zeros(3, dtype=F64))
     out = gh.harmonize(g[None], "cagrad", c=0.4, backend="torch").grad[0]
@@ -303,3 +304,12 @@ def test_convention_k1_is_an_error_here(gen):
     with pytest.raises(ValueError):
         gh.harmonize(G, "mgda", backend="torch")
     assert agg.MeanWeighting()(G[0] @ G[0].T).shape == (1,)  # torchjd aggregates one row
+
+
+def test_solver_cap_warns(gen):
+    """A solve stopped by max_iter says so (its weights are still feasible)."""
+    G = _grads(8, 12, 20, gen)
+    for name in ("mgda", "upgrad", "cagrad"):
+        with pytest.warns(RuntimeWarning, match="max_iter=1"):
+            w = gh.get_rule(name, max_iter=1).solve(G @ G.transpose(1, 2))[0]
+        assert torch.isfinite(w).all() and (w >= 0).all()
