@@ -215,6 +215,17 @@ def _pcgrad_visiting_self(g):
     return out
 
 
+def test_convention_sum_scale(gen):
+    """sum: torchjd's SumWeighting (weights 1); its MeanWeighting is that / K."""
+    agg = pytest.importorskip("torchjd.aggregation")
+    G = _grads(3, 4, 5, gen)
+    w = gh.harmonize(G, "sum", backend="torch").weights
+    for b in range(3):
+        M = G[b] @ G[b].T
+        close(w[b], agg.SumWeighting()(M), 1e-15, scale=1.0, msg="sum vs torchjd Sum")
+        close(w[b] / 4, agg.MeanWeighting()(M), 1e-15, scale=1.0, msg="sum / K vs torchjd Mean")
+
+
 def test_convention_pcgrad_visiting_rule():
     g = torch.tensor([[-1.0, 3], [-1, 0], [1, -1]], dtype=F64)
     ours = gh.harmonize(g[None], gh.PCGrad(order="fixed"), backend="torch").grad[0]
