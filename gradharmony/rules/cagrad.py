@@ -122,7 +122,7 @@ def cagrad_weights(M: Tensor, c: float = 0.4, max_iter: Optional[int] = None) ->
     r = _norm(Mn, uv - u)
     tol_t = 2.0 * math.sqrt(K * eps)
     stationary = ((t_min <= tol_t) & (r <= s)) | (s <= 0)
-    # bisection on log tau for |g_w(tau)| = s tau (h = |g_w| / tau - s is non-increasing)
+    # the root of h(tau) = |g_w(tau)| / tau - s (non-increasing) on log tau
     t_max = Mn.diagonal(dim1=1, dim2=2).amax(-1).clamp_min(0).sqrt()
     s_safe = torch.where(s > 0, s, torch.ones_like(s))
     tiny = 1e-300
