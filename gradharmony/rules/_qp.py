@@ -55,7 +55,9 @@ def active_set_qp(
         max_iter: cap on active-set steps (default :func:`default_max_iter`).
     Returns:
         ``(w, converged)``: (N, K) solutions (always feasible) and (N,) bool, False where the
-        cap was reached or a linear system was singular to working precision.
+        cap was reached or a linear system was singular to working precision (a problem with
+        NaN/inf entries counts as converged: its w is meaningless, the engine's non-finite
+        policy decides about it).
     """
     N, K, _ = A.shape
     dev, dt = A.device, A.dtype
@@ -128,7 +130,8 @@ def active_set_qp(
     w = w.clamp_min(0)
     if simplex:
         w = w / w.sum(-1, keepdim=True).clamp_min(torch.finfo(dt).tiny)
-    return w, done & ~failed
+    finite = torch.isfinite(A).flatten(1).all(-1) & torch.isfinite(q).all(-1)
+    return w, (done & ~failed) | ~finite  # a non-finite problem is the caller's (nonfinite policy)
 
 
 def warn_unconverged(converged: Tensor, rule: str, max_iter: Optional[int]) -> None:
