@@ -15,14 +15,25 @@ from .api import (
 )
 from .engine import NonFiniteGradientError, available_backends
 from .ghost import ParameterHarmonizer
-from .rules import MGDA, CAGrad, ConflictCurriculum, GradVac, PCGrad, Rule, Sum, conflict_score, get_rule
+from .rules import (
+    MGDA,
+    CAGrad,
+    ConflictCurriculum,
+    GradVac,
+    PCGrad,
+    Rule,
+    Sum,
+    UPGrad,
+    conflict_score,
+    get_rule,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "harmonize", "HarmonizeResult", "Harmonizer", "HarmonizedOptimizer",
     "ConflictCurriculum", "ConflictStats", "conflict_stats", "conflict_score",
-    "Rule", "Sum", "PCGrad", "GradVac", "CAGrad", "MGDA", "get_rule",
+    "Rule", "Sum", "PCGrad", "GradVac", "CAGrad", "MGDA", "UPGrad", "get_rule",
     "available_backends", "NonFiniteGradientError", "__version__",
     "ParameterHarmonizer",
 ]

@@ -23,6 +23,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
+from ..rules import NONFINITE_POLICIES, RULE_NAMES
+
 __all__ = [
     "ConfigError",
     "ModelConfig",
@@ -35,7 +37,7 @@ __all__ = [
     "load_config_file",
 ]
 
-METHODS = ("sum", "pcgrad", "gradvac", "cagrad", "mgda")
+METHODS = RULE_NAMES  # the rule registry's names
 LEVELS = ("feature", "parameter", "none")
 CURRICULA = ("off", "fraction", "threshold")
 
@@ -88,7 +90,7 @@ class DataConfig:
 class HarmonyConfig:
     """Gradient harmonization: realignment rule, level, curriculum."""
 
-    method: str = "pcgrad"  # sum | pcgrad | gradvac | cagrad | mgda
+    method: str = "pcgrad"  # one of gradharmony.rules.RULE_NAMES
     level: str = "feature"  # feature (Harmonizer.branch) | parameter (HarmonizedOptimizer) | none
     curriculum: str = "fraction"  # off | fraction | threshold
     curriculum_mode: str = "hard"  # hard | soft
@@ -356,8 +358,8 @@ def _validate(cfg: Config) -> None:
     _check(0.0 <= h.curriculum_warmup <= 1.0, "harmony.curriculum_warmup", f"must be in [0, 1], got {h.curriculum_warmup}")
     _check(0.0 <= h.curriculum_ramp <= 1.0, "harmony.curriculum_ramp", f"must be in [0, 1], got {h.curriculum_ramp}")
     _check(h.curriculum_temperature > 0, "harmony.curriculum_temperature", "must be > 0")
-    _check(h.nonfinite in ("raise", "skip", "zero", "propagate"), "harmony.nonfinite",
-           f"must be raise, skip, zero or propagate, got {h.nonfinite!r}")
+    _check(h.nonfinite in NONFINITE_POLICIES, "harmony.nonfinite",
+           f"must be one of {', '.join(NONFINITE_POLICIES)}, got {h.nonfinite!r}")
     _check(h.chunk_size >= 1, "harmony.chunk_size", f"must be >= 1, got {h.chunk_size}")
     _check(t.steps >= 1, "train.steps", f"must be >= 1, got {t.steps}")
     _check(t.batch_size >= 2, "train.batch_size", f"must be >= 2 (contrastive negatives), got {t.batch_size}")
