@@ -319,9 +319,10 @@ class ParameterHarmonizer:
                     f"the gradients of sample {i} are not finite; pass nonfinite='skip' to drop such samples, "
                     "'zero' to zero the non-finite entries, or 'propagate' (e.g. for torch.amp.GradScaler)")
             self._sanitize(live, B, finite)
-            for e in live:
-                e.prepare(B)
-            M = self._gram(shared, B, K)
+            with torch.no_grad():
+                for e in live:
+                    e.prepare(B)
+                M = self._gram(shared, B, K)
             if self.nonfinite == "zero":
                 finite = torch.ones_like(finite)
         self.last_gram = M
@@ -332,7 +333,7 @@ class ParameterHarmonizer:
             w, cos, stats = gram_to_weights(M_solve, self.rule, self.curriculum, finite)
         self.last_weights, self.last_stats = w, stats
         grads: list[tuple[nn.Parameter, Tensor]] = []
-        with rf("ghost.combine"):
+        with rf("ghost.combine"), torch.no_grad():
             self._combine(live, shared, w, B, K, grads)
         self._accumulate(grads)
         self._batch_size = None
@@ -408,10 +409,16 @@ class ParameterHarmonizer:
         del per_loss, targets
         live = [e for e in live if e.reached]  # type: ignore[attr-defined]
         shared = [e for e in live if len(e.reached) >= 2 or not self.shared_only]  # type: ignore[attr-defined]
-        with rf("ghost.prepare"):
+        with rf("ghost.prepare"), torch.no_grad():  # no graph of the Gram or combination (torch.func still runs)
             for e in live:
                 e.prepare(B)
-        with rf("ghost.gram"):
+        if self.nonfinite in ("raise", "propagate"):
+            # no second preparation from the captured tensors (that is only for "skip"/"zero", see
+            # _sanitize): the per-layer states hold what the Gram and combination need
+            for e in live:
+                for u in e.uses:
+                    u.inputs, u.out, u.grads = (), None, []
+        with rf("ghost.gram"), torch.no_grad():
             M = self._gram(shared, B, K)
         return B, K, live, shared, M
 
