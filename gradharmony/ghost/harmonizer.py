@@ -20,6 +20,10 @@ One step:
 4. rule, curriculum and statistics from M, as :func:`gradharmony.harmonize`: w (B, K);
 5. per layer, the combined gradient as one contraction
    ``grad W = sum_i (sum_k w_{k,i} b^k_i)^T a_i``, accumulated into ``p.grad``.
+
+Steps 3 and 5 run without autograd graph; with ``nonfinite`` "raise" or "propagate" the
+captured tensors are released once step 3's per-layer states are built.
+:meth:`ParameterHarmonizer.measure` runs steps 1-3 only (per-sample cosines, no update).
 """
 
 from __future__ import annotations

@@ -18,11 +18,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
 @pytest.mark.parametrize("harmony", [
-    ["--method", "sum"],
+    # with the measure-only parameter-level cosines every step (collectives in the extra forward/backward)
+    ["--method", "sum", "--set", "harmony.measure_param_every=1"],
     # parameter level (ParameterHarmonizer, not wrapped in DDP): per-sample Grams over all parameters,
     # the curriculum on the global batch, combined gradients averaged over ranks
     ["--method", "pcgrad", "--level", "parameter", "--curriculum", "fraction", "--set", "harmony.curriculum_warmup=0"],
-], ids=["feature-sum", "parameter-pcgrad-curriculum"])
+], ids=["feature-sum-measure", "parameter-pcgrad-curriculum"])
 def test_two_gloo_ranks_match_single_process(tmp_path, harmony) -> None:
     common = harmony + ["--drop-token", "0", "--steps", "2", "--set", "model.dropout=0", "--no-plots"]
     single, ddp = tmp_path / "single", tmp_path / "ddp"
