@@ -68,7 +68,7 @@ class PatchConvRule(LayerRule):
         if module.weight.requires_grad:
             out.append(combine_linear(state, w).view_as(module.weight))
         if module.bias is not None and module.bias.requires_grad:
-            out.append(torch.einsum("bk,bkd->d", w.to(state.b[0].dtype), bias_per_sample(state)))
+            out.append(torch.einsum("bk,bkd->d", w.to(state.dtype), bias_per_sample(state)))
         return out
 
 

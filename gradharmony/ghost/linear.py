@@ -31,5 +31,5 @@ class LinearRule(LayerRule):
         if module.weight.requires_grad:
             out.append(combine_linear(state, w))
         if module.bias is not None and module.bias.requires_grad:
-            out.append(torch.einsum("bk,bkd->d", w.to(state.b[0].dtype), bias_per_sample(state)))
+            out.append(torch.einsum("bk,bkd->d", w.to(state.dtype), bias_per_sample(state)))
         return out

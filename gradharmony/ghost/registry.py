@@ -122,65 +122,85 @@ def use_views(uses: list[Use], B: int, what: str) -> list[tuple[Tensor, list[Ten
 
 
 class Stacked:
-    """A linear map's captured tensors over all its calls, in the layout its Gram and combination use.
+    """A linear map's captured tensors over all its calls, as its Gram and combination use them.
 
     Attributes:
-        a: (B, T, d_in) inputs, the tokens of all calls of one sample along T.
-        b: K output gradients (B, T, d_out), same token order.
-    Views of the captured tensors when the layer ran once; one concatenation over the calls
-    otherwise (a modality-agnostic backbone runs each layer once per modality).
+        calls: per call, inputs a (B, T_u, d_in) (in the gradients' dtype) and K output
+            gradients b^k (B, T_u, d_out): views of the captured tensors, never concatenated
+            (a modality-agnostic backbone runs each layer once per modality).
+        T: tokens of all calls of one sample.
     """
 
-    __slots__ = ("a", "b")
+    __slots__ = ("calls", "T")
 
-    def __init__(self, a: Tensor, b: list[Tensor]) -> None:
-        self.a, self.b = a, b
+    def __init__(self, calls: list[tuple[Tensor, list[Tensor]]]) -> None:
+        self.calls, self.T = calls, sum(a.shape[1] for a, _ in calls)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.calls[0][1][0].dtype
+
+    def a_all(self) -> Tensor:
+        """(B, T, d_in) inputs of all calls along T (a view for one call, else one concatenation)."""
+        if len(self.calls) == 1:
+            return self.calls[0][0]
+        return torch.cat([a for a, _ in self.calls], dim=1)
 
 
 def stack_calls(calls: list[tuple[Tensor, list[Tensor]]]) -> Stacked:
-    """:class:`Stacked` from per-call inputs a (B, T_u, d_in) and K output gradients (B, T_u, d_out).
-
-    Inputs are cast to the gradients' dtype.
-    """
-    K = len(calls[0][1])
+    """:class:`Stacked` from per-call inputs a (B, T_u, d_in) and K output gradients (B, T_u, d_out)."""
     dt = calls[0][1][0].dtype
-    if len(calls) == 1:
-        a, b = calls[0]
-        return Stacked(a.to(dt), list(b))
-    return Stacked(torch.cat([a.to(dt) for a, _ in calls], dim=1),
-                   [torch.cat([bs[k] for _, bs in calls], dim=1) for k in range(K)])
+    return Stacked([(a.to(dt), list(b)) for a, b in calls])
 
 
 def linear_gram(st: Stacked, mode: str = "auto") -> Tensor:
     """Per-sample Gram (B, K, K) of the weight gradients ``G^k_i = sum_t b^k_{i,t} a_{i,t}^T``.
 
     Args:
-        st: the layer's :class:`Stacked` tensors (a (B, T, d_in), K times b (B, T, d_out)).
-        mode: "ghost": ``<G^k_i, G^l_i> = <b^k_i, (a_i a_i^T) b^l_i>`` (Opacus's ghost-norm
-            identity across losses, associated so that the (T, T) input Gram multiplies each
-            output gradient once: cost ~ T^2 (d_in + K d_out) + K^2 T d_out per sample);
-            "materialize": this layer's per-sample gradients (B, K, d_out*d_in), then their
-            Gram (cost ~ K T d_in d_out + K^2 d_in d_out); "auto": the cheaper of the two
-            by those counts.
+        st: the layer's :class:`Stacked` calls (a (B, T_u, d_in), K times b (B, T_u, d_out)).
+        mode: "ghost": ``<G^k_i, G^l_i> = <b^k_i, (a_i a_i^T) b^l_i>`` over the T tokens of
+            all calls (Opacus's ghost-norm identity across losses, associated so that the
+            (T, T) input Gram multiplies each output gradient once: cost ~ T^2 (d_in + K d_out)
+            + K^2 T d_out per sample); "materialize": this layer's per-sample gradients
+            (B, K, d_out*d_in), then their Gram (cost ~ K T d_in d_out + K^2 d_in d_out);
+            "auto": the cheaper of the two by those counts.
     """
-    a, b = st.a, st.b
-    K = len(b)
-    B, T, d_out = b[0].shape
-    d_in = a.shape[-1]
+    calls = st.calls
+    b0 = calls[0][1]
+    K = len(b0)
+    B, _, d_out = b0[0].shape
+    d_in = calls[0][0].shape[-1]
+    T = st.T
     if mode == "auto":
         mode = "ghost" if ghost_cost(T, d_in, d_out, K) <= materialize_cost(T, d_in, d_out, K) else "materialize"
     if mode == "ghost":
+        a = st.a_all()
         aa = torch.bmm(a, a.transpose(1, 2))  # (B, T, T)
-        flat = [bk.reshape(B, 1, -1) for bk in b]
-        M = torch.empty(B, K, K, dtype=b[0].dtype, device=b[0].device)
+        del a
+        offs = [0]
+        for au, _ in calls:
+            offs.append(offs[-1] + au.shape[1])
+        M = torch.zeros(B, K, K, dtype=st.dtype, device=b0[0].device)
         for l in range(K):
-            y = torch.bmm(aa, b[l]).view(B, -1, 1)  # (a a^T) b^l, one (T, T) x (T, d_out) product per loss
-            for k in range(l + 1):
-                M[:, k, l] = M[:, l, k] = torch.bmm(flat[k], y).view(B)
+            y = None  # (a a^T) b^l: (B, T, d_out), one (T, T) x (T, d_out) product per loss
+            for v, (_, bv) in enumerate(calls):
+                cols = aa[:, :, offs[v]:offs[v + 1]]
+                y = torch.bmm(cols, bv[l]) if y is None else y.baddbmm_(cols, bv[l])
+            for u, (_, bu) in enumerate(calls):
+                yu = y[:, offs[u]:offs[u + 1]].reshape(B, -1, 1)
+                for k in range(l + 1):
+                    M[:, k, l] += torch.bmm(bu[k].reshape(B, 1, -1), yu).view(B)
+        iu = torch.triu_indices(K, K, 1)
+        M[:, iu[1], iu[0]] = M[:, iu[0], iu[1]]
         return M
-    G = torch.empty(B, K, d_out * d_in, dtype=b[0].dtype, device=b[0].device)  # per-sample gradients
+    G = torch.empty(B, K, d_out * d_in, dtype=st.dtype, device=b0[0].device)  # per-sample gradients
     for k in range(K):
-        torch.bmm(b[k].transpose(1, 2), a, out=G[:, k].view(B, d_out, d_in))
+        Gk = G[:, k].view(B, d_out, d_in)
+        for j, (a, b) in enumerate(calls):
+            if j == 0:
+                torch.bmm(b[k].transpose(1, 2), a, out=Gk)
+            else:
+                Gk.baddbmm_(b[k].transpose(1, 2), a)
     return torch.bmm(G, G.transpose(1, 2))
 
 
@@ -206,13 +226,18 @@ def weighted(b: list[Tensor], w: Tensor) -> Tensor:
 
 def combine_linear(st: Stacked, w: Tensor) -> Tensor:
     """``sum_i (sum_k w_{k,i} b^k_i)^T a_i`` over all calls: (d_out, d_in); w (B, K)."""
-    c = weighted(st.b, w)
-    return c.reshape(-1, c.shape[-1]).T @ st.a.reshape(-1, st.a.shape[-1])
+    out = None
+    for a, b in st.calls:
+        c = weighted(b, w)
+        part = c.reshape(-1, c.shape[-1]).T @ a.reshape(-1, a.shape[-1])
+        out = part if out is None else out.add_(part)
+    return out
 
 
 def bias_per_sample(st: Stacked) -> Tensor:
     """(B, K, d_out) per-sample bias gradients ``sum_t b^k_{i,t}`` over all calls."""
-    return torch.stack([bk.sum(1) for bk in st.b], dim=1)
+    K = len(st.calls[0][1])
+    return torch.stack([sum(b[k].sum(1) for _, b in st.calls) for k in range(K)], dim=1)
 
 
 def gram_of(G: Tensor) -> Tensor:
