@@ -9,7 +9,9 @@ that drifts in machine load hit every variant alike):
     gradvac          Harmonizer("gradvac")
     pcgrad+fraction  pcgrad with the hard fraction curriculum
     gradvac+soft     gradvac with a soft threshold curriculum
-    [pcgrad@param]   HarmonizedOptimizer(granularity="sample"), with --parameter-level (slow)
+    [pcgrad@param]   level parameter, term decomposition: HarmonizedOptimizer(granularity="sample"),
+                     with --parameter-level (slow)
+    [pcgrad@ghost]   level parameter, path decomposition (the default): ParameterHarmonizer, with --ghost
 
 With ``--ghost``, rows of a step written directly against ``gradharmony.vatt``'s model and
 losses (no trainer; zero_grad, forward, losses, backward, Adam step, one host sync on the loss):
@@ -19,6 +21,9 @@ losses (no trainer; zero_grad, forward, losses, backward, Adam step, one host sy
     loop:pcgrad@vmap   torch.func.jacrev (vmap of vector-Jacobian products) of the K x B per-sample
                        loss terms -> (B, K, P) per-sample gradients (term decomposition), then
                        ``harmonize(G, "pcgrad", reduction="sum")``: what a user would write
+    ``--profile`` adds, per preset, the time of each phase of loop:plain and loop:pcgrad@ghost
+    (torch.profiler over ``record_function`` ranges; mean ms per step over the profiled steps)
+    in ``ghost_phases_<device>.txt``.
     ``--memory`` adds each variant's peak resident-memory growth over a step (a fresh process per
     variant with a fixed glibc mmap threshold, VmHWM reset after a warm-up step) next to B*P*4
     bytes (one float32 per sample and parameter); ``--memory-only`` skips the timing.
@@ -26,7 +31,8 @@ losses (no trainer; zero_grad, forward, losses, backward, Adam step, one host sy
 A step = zero_grad, forward, losses, (harmonized) backward, Adam step, LR scheduler step,
 curriculum step, statistics reduction; the data loading is excluded. Reported: median and
 20th/80th percentiles in ms, and the ratio of medians to ``plain`` and to ``sum``. CPU runs the
-``tiny`` preset; with CUDA available, a second run uses the ``small`` preset on the GPU.
+``tiny`` preset (``--cpu-preset tiny,small``: each, one after the other in one process); with CUDA
+available, a second run uses the ``small`` preset on the GPU.
 
 Wrapper section (``--wrapper``, on by default): the step time of ``gh.HarmonizedOptimizer`` at
 both granularities next to plain training (``sum(l.mean()).backward()`` + Adam step) on a small
@@ -73,7 +79,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "gradvac+soft": {"harmony.method": "gradvac", "harmony.curriculum": "threshold",
                      "harmony.curriculum_mode": "soft"},
 }
-PARAM_VARIANT = {"harmony.method": "pcgrad", "harmony.curriculum": "off", "harmony.level": "parameter"}
+PARAM_VARIANT = {"harmony.method": "pcgrad", "harmony.curriculum": "off", "harmony.level": "parameter",
+                 "harmony.param_decomposition": "term"}
+GHOST_VARIANT = {"harmony.method": "pcgrad", "harmony.curriculum": "off", "harmony.level": "parameter",
+                 "harmony.param_decomposition": "path"}
 
 
 class LoopVariant:
@@ -100,12 +109,15 @@ class LoopVariant:
         self.opt.zero_grad(set_to_none=True)
         B = batch["video"].shape[0]
         if self.kind == "plain":
-            l_va, l_vt = self.losses(self.model(batch), batch["text_mask"])
-            loss = 0.5 * (l_va.mean() + l_vt.mean())
-            loss.backward()
+            rf = torch.autograd.profiler.record_function
+            with rf("plain.forward"):
+                l_va, l_vt = self.losses(self.model(batch), batch["text_mask"])
+                loss = 0.5 * (l_va.mean() + l_vt.mean())
+            with rf("plain.backward"):
+                loss.backward()
         elif self.kind == "ghost":
             assert self.ph is not None
-            with self.ph.capture(batch_size=B):
+            with self.ph.capture(batch_size=B), torch.autograd.profiler.record_function("ghost.forward"):
                 out = self.model(batch)
             l_va, l_vt = self.losses(out, batch["text_mask"])
             loss = 0.5 * (l_va.mean() + l_vt.mean())
@@ -235,7 +247,7 @@ def measure_memory_here(device: torch.device, preset: str, args: argparse.Namesp
     """Child of :func:`peak_memory_row`: build, one warm-up step, reset VmHWM, two steps, print JSON."""
     import gc
 
-    spec = {**VARIANTS, "pcgrad@param": PARAM_VARIANT}
+    spec = {**VARIANTS, "pcgrad@param": PARAM_VARIANT, "pcgrad@ghost": GHOST_VARIANT}
     trainers, batches = build_trainers(preset, device, args.batch_size,
                                        {"plain": VARIANTS["plain"]} if name in LOOP_VARIANTS else {name: spec[name]})
     if name in LOOP_VARIANTS:
@@ -256,12 +268,37 @@ def measure_memory_here(device: torch.device, preset: str, args: argparse.Namesp
                       "BP_float32_mib": B * P * 4 / 2**20}))
 
 
+PHASES = ("plain.forward", "plain.backward", "ghost.forward", "ghost.output_grads", "ghost.prepare", "ghost.gram",
+          "ghost.solve", "ghost.combine")
+
+
+def profile_phases(trainers: dict[str, Any], batches: list[dict[str, torch.Tensor]], steps: int) -> dict[str, float]:
+    """Mean ms per step of each ``record_function`` phase of loop:plain and loop:pcgrad@ghost."""
+    from torch.profiler import ProfilerActivity, profile
+
+    out: dict[str, float] = {}
+    for name in ("loop:plain", "loop:pcgrad@ghost"):
+        tr = trainers[name]
+        tr.train_step(batches[0])  # warm-up
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            t0 = time.perf_counter()
+            for r in range(steps):
+                tr.train_step(batches[r % len(batches)])
+            total = (time.perf_counter() - t0) * 1e3 / steps
+        for ev in prof.key_averages():
+            if ev.key in PHASES:
+                out[ev.key] = out.get(ev.key, 0.0) + ev.cpu_time_total / 1e3 / steps
+        out[name.split(":")[1].split("@")[-1] + " total (profiled)"] = total
+    return out
+
+
 def run(device: torch.device, preset: str, args: argparse.Namespace) -> dict[str, Any]:
     variants = dict(VARIANTS)
     if args.parameter_level:
         variants["pcgrad@param"] = PARAM_VARIANT
     if args.ghost:  # the comparison the parameter-level rows need, without the six feature rows
         variants = {k: v for k, v in variants.items() if k in ("plain", "pcgrad", "pcgrad@param")}
+        variants["pcgrad@ghost"] = GHOST_VARIANT
     trainers, batches = build_trainers(preset, device, args.batch_size, variants)
     if args.ghost:
         add_loop_variants(trainers, device, [k for k in LOOP_VARIANTS if k not in args.skip])
@@ -284,6 +321,15 @@ def run(device: torch.device, preset: str, args: argparse.Namespace) -> dict[str
         mem = {r["variant"]: r for r in (peak_memory_row(device, preset, args, k) for k in trainers)}
         for row in rows:
             row.update({k: v for k, v in mem.get(row["variant"], {}).items() if k != "variant"})
+    if args.profile and args.ghost:
+        phases = profile_phases(trainers, batches, max(3, args.steps // 2))
+        text = (f"# ParameterHarmonizer phases vs plain (record_function, torch.profiler), {meta['device_name']}, "
+                f"commit {meta['commit']}\n# {preset}, batch {meta['batch_size']}, {meta['threads']} thread(s), "
+                f"torch {meta['torch']}; mean ms per step over {max(3, args.steps // 2)} profiled steps\n")
+        text += "".join(f"{k:<28}{v:9.1f}\n" for k, v in phases.items())
+        with open(os.path.join(args.out, f"ghost_phases_{device.type}_{preset}.txt"), "w", encoding="utf-8") as f:
+            f.write(text)
+        print(text)
     stem = os.path.join(args.out, f"train_step_{device.type}" + (f"_ghost_{preset}" if args.ghost else "")
                         + ("_memory" if args.memory_only else ""))
     with open(stem + ".json", "w", encoding="utf-8") as f:
@@ -395,6 +441,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="parameter-level rows: loop:plain, loop:pcgrad@ghost, loop:pcgrad@vmap (+ plain, pcgrad, "
                         "and pcgrad@param with --parameter-level)")
     p.add_argument("--memory", action="store_true", help="also each variant's peak memory (a process each)")
+    p.add_argument("--profile", action="store_true", help="with --ghost: per-phase times (ghost_phases_*.txt)")
     p.add_argument("--memory-only", action="store_true", help="only the peak memory rows (no timing)")
     p.add_argument("--skip", default="", type=lambda v: [x for x in v.split(",") if x],
                    help="comma list of variants to leave out (e.g. the slow loop:pcgrad@vmap on a bigger preset)")
@@ -418,7 +465,8 @@ def main(argv: list[str] | None = None) -> int:
             print("cuda requested but not available; skipped")
             continue
         if args.vatt:
-            run(torch.device(dev), args.cpu_preset if dev == "cpu" else args.gpu_preset, args)
+            for preset in (args.cpu_preset if dev == "cpu" else args.gpu_preset).split(","):
+                run(torch.device(dev), preset, args)
         if args.wrapper:
             run_wrapper(torch.device(dev), args)
     return 0

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from .registry import LayerRule, Use, bias_per_sample, combine_linear, gram_of, linear_gram, per_sample_rows, register
+from .registry import LayerRule, Use, bias_per_sample, combine_linear, gram_of, linear_gram, per_sample_rows, register, stack_calls
 
 
 def patches(x: Tensor, kernel: tuple[int, ...]) -> Tensor:
@@ -51,7 +51,7 @@ class PatchConvRule(LayerRule):
             p = patches(x, tuple(module.kernel_size))  # (N, L, d_in)
             calls.append((p.reshape(B, -1, p.shape[-1]),
                           [g.flatten(2).transpose(1, 2).reshape(B, -1, g.shape[1]) for g in u.grads]))
-        return calls
+        return stack_calls(calls)
 
     def gram(self, module: nn.Module, state, K: int) -> Tensor:
         M = 0
@@ -68,7 +68,7 @@ class PatchConvRule(LayerRule):
         if module.weight.requires_grad:
             out.append(combine_linear(state, w).view_as(module.weight))
         if module.bias is not None and module.bias.requires_grad:
-            out.append(torch.einsum("bk,bkd->d", w.to(state[0][1][0].dtype), bias_per_sample(state)))
+            out.append(torch.einsum("bk,bkd->d", w.to(state.dtype), bias_per_sample(state)))
         return out
 
 

@@ -20,6 +20,10 @@ One step:
 4. rule, curriculum and statistics from M, as :func:`gradharmony.harmonize`: w (B, K);
 5. per layer, the combined gradient as one contraction
    ``grad W = sum_i (sum_k w_{k,i} b^k_i)^T a_i``, accumulated into ``p.grad``.
+
+Steps 3 and 5 run without autograd graph; with ``nonfinite`` "raise" or "propagate" the
+captured tensors are released once step 3's per-layer states are built.
+:meth:`ParameterHarmonizer.measure` runs steps 1-3 only (per-sample cosines, no update).
 """
 
 from __future__ import annotations
@@ -309,6 +313,60 @@ class ParameterHarmonizer:
                 a multiple of B.
             NonFiniteGradientError: NaN/inf gradients with ``nonfinite="raise"``.
         """
+        rf = torch.autograd.profiler.record_function
+        B, K, live, shared, M = self._output_grads_and_gram(losses, retain_graph)
+        finite = torch.isfinite(M.diagonal(dim1=1, dim2=2)).all(-1)
+        if self.nonfinite != "propagate" and not bool(finite.all()):  # the one host sync
+            if self.nonfinite == "raise":
+                i = int((~finite).nonzero()[0])
+                raise NonFiniteGradientError(
+                    f"the gradients of sample {i} are not finite; pass nonfinite='skip' to drop such samples, "
+                    "'zero' to zero the non-finite entries, or 'propagate' (e.g. for torch.amp.GradScaler)")
+            self._sanitize(live, B, finite)
+            with torch.no_grad():
+                for e in live:
+                    e.prepare(B)
+                M = self._gram(shared, B, K)
+            if self.nonfinite == "zero":
+                finite = torch.ones_like(finite)
+        self.last_gram = M
+        diag_max = M.diagonal(dim1=1, dim2=2).amax(-1)
+        scale = torch.where(diag_max > 0, diag_max, torch.ones_like(diag_max))
+        M_solve = M / scale[:, None, None] if self.nonfinite != "propagate" else M
+        with rf("ghost.solve"):
+            w, cos, stats = gram_to_weights(M_solve, self.rule, self.curriculum, finite)
+        self.last_weights, self.last_stats = w, stats
+        grads: list[tuple[nn.Parameter, Tensor]] = []
+        with rf("ghost.combine"), torch.no_grad():
+            self._combine(live, shared, w, B, K, grads)
+        self._accumulate(grads)
+        self._batch_size = None
+
+    def measure(self, losses: Sequence[Tensor], retain_graph: bool = False) -> tuple[Tensor, Tensor]:
+        """Per-sample Gram and cosines of the captured forward's K losses; changes no state.
+
+        The first half of :meth:`backward` (K backward passes to the captured layer outputs,
+        the per-sample Gram over the shared parameters) for measuring only: no gradient is
+        written, the rule state, curriculum and ``last_*`` attributes are left alone, and
+        non-finite values pass through (no ``nonfinite`` policy). Under ``torch.distributed``
+        the Grams are of this rank's samples (gradients of the losses of every rank, as in
+        :meth:`backward`).
+
+        Args:
+            losses: K >= 2 scalar losses (a (B,) vector is summed), as for :meth:`backward`.
+        Returns:
+            (Gram (B, K, K) in the accumulation dtype, cosines (B, K, K) in [-1, 1];
+            a zero gradient has cosine 0 with everything: :func:`gradharmony.engine.reference.cosine`).
+        """
+        B, K, live, shared, M = self._output_grads_and_gram(losses, retain_graph)
+        for e in self._entries:
+            e.clear()
+        self._batch_size = None
+        return M, reference.cosine(M)
+
+    def _output_grads_and_gram(self, losses: Sequence[Tensor], retain_graph: bool
+                               ) -> tuple[int, int, list[_Entry], list[_Entry], Tensor]:
+        """K backward passes to the captured outputs, per-layer preparation, Gram (B, K, K)."""
         if not isinstance(losses, (list, tuple)) or len(losses) < 2:
             raise ValueError("losses must be a list of K >= 2 loss tensors")
         for k, l in enumerate(losses):
@@ -355,36 +413,18 @@ class ParameterHarmonizer:
         del per_loss, targets
         live = [e for e in live if e.reached]  # type: ignore[attr-defined]
         shared = [e for e in live if len(e.reached) >= 2 or not self.shared_only]  # type: ignore[attr-defined]
-        with rf("ghost.prepare"):
+        with rf("ghost.prepare"), torch.no_grad():  # no graph of the Gram or combination (torch.func still runs)
             for e in live:
                 e.prepare(B)
-        with rf("ghost.gram"):
-            M = self._gram(shared, B, K)
-        finite = torch.isfinite(M.diagonal(dim1=1, dim2=2)).all(-1)
-        if self.nonfinite != "propagate" and not bool(finite.all()):  # the one host sync
-            if self.nonfinite == "raise":
-                i = int((~finite).nonzero()[0])
-                raise NonFiniteGradientError(
-                    f"the gradients of sample {i} are not finite; pass nonfinite='skip' to drop such samples, "
-                    "'zero' to zero the non-finite entries, or 'propagate' (e.g. for torch.amp.GradScaler)")
-            self._sanitize(live, B, finite)
+        if self.nonfinite in ("raise", "propagate"):
+            # no second preparation from the captured tensors (that is only for "skip"/"zero", see
+            # _sanitize): the per-layer states hold what the Gram and combination need
             for e in live:
-                e.prepare(B)
+                for u in e.uses:
+                    u.inputs, u.out, u.grads = (), None, []
+        with rf("ghost.gram"), torch.no_grad():
             M = self._gram(shared, B, K)
-            if self.nonfinite == "zero":
-                finite = torch.ones_like(finite)
-        self.last_gram = M
-        diag_max = M.diagonal(dim1=1, dim2=2).amax(-1)
-        scale = torch.where(diag_max > 0, diag_max, torch.ones_like(diag_max))
-        M_solve = M / scale[:, None, None] if self.nonfinite != "propagate" else M
-        with rf("ghost.solve"):
-            w, cos, stats = gram_to_weights(M_solve, self.rule, self.curriculum, finite)
-        self.last_weights, self.last_stats = w, stats
-        grads: list[tuple[nn.Parameter, Tensor]] = []
-        with rf("ghost.combine"):
-            self._combine(live, shared, w, B, K, grads)
-        self._accumulate(grads)
-        self._batch_size = None
+        return B, K, live, shared, M
 
     def _combine(self, live: list[_Entry], shared: list[_Entry], w: Tensor, B: int, K: int,
                  grads: list[tuple[nn.Parameter, Tensor]]) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .registry import LayerRule, Use, bias_per_sample, combine_linear, gram_of, linear_gram, register, use_views
+from .registry import LayerRule, Use, bias_per_sample, combine_linear, gram_of, linear_gram, register, stack_calls, use_views
 
 
 @register(nn.Linear)
@@ -16,7 +16,7 @@ class LinearRule(LayerRule):
     mode = "auto"  # "ghost" | "materialize" | "auto" (tests force each)
 
     def prepare(self, module: nn.Module, uses: list[Use], B: int):
-        return use_views(uses, B, f"Linear {module}")
+        return stack_calls(use_views(uses, B, f"Linear {module}"))
 
     def gram(self, module: nn.Module, state, K: int) -> Tensor:
         M = 0
@@ -31,5 +31,5 @@ class LinearRule(LayerRule):
         if module.weight.requires_grad:
             out.append(combine_linear(state, w))
         if module.bias is not None and module.bias.requires_grad:
-            out.append(torch.einsum("bk,bkd->d", w.to(state[0][1][0].dtype), bias_per_sample(state)))
+            out.append(torch.einsum("bk,bkd->d", w.to(state.dtype), bias_per_sample(state)))
         return out

@@ -25,7 +25,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Use", "LayerRule", "register", "rule_for", "RULES", "per_sample_rows"]
+__all__ = ["Use", "LayerRule", "register", "rule_for", "RULES", "per_sample_rows", "Stacked", "stack_calls"]
 
 
 @dataclass
@@ -121,50 +121,92 @@ def use_views(uses: list[Use], B: int, what: str) -> list[tuple[Tensor, list[Ten
     return out
 
 
-def linear_gram(calls: list[tuple[Tensor, list[Tensor]]], mode: str = "auto") -> Tensor:
+class Stacked:
+    """A linear map's captured tensors over all its calls, as its Gram and combination use them.
+
+    Attributes:
+        calls: per call, inputs a (B, T_u, d_in) (in the gradients' dtype) and K output
+            gradients b^k (B, T_u, d_out): views of the captured tensors, never concatenated
+            (a modality-agnostic backbone runs each layer once per modality).
+        T: tokens of all calls of one sample.
+    """
+
+    __slots__ = ("calls", "T")
+
+    def __init__(self, calls: list[tuple[Tensor, list[Tensor]]]) -> None:
+        self.calls, self.T = calls, sum(a.shape[1] for a, _ in calls)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.calls[0][1][0].dtype
+
+    def a_all(self) -> Tensor:
+        """(B, T, d_in) inputs of all calls along T (a view for one call, else one concatenation)."""
+        if len(self.calls) == 1:
+            return self.calls[0][0]
+        return torch.cat([a for a, _ in self.calls], dim=1)
+
+
+def stack_calls(calls: list[tuple[Tensor, list[Tensor]]]) -> Stacked:
+    """:class:`Stacked` from per-call inputs a (B, T_u, d_in) and K output gradients (B, T_u, d_out)."""
+    dt = calls[0][1][0].dtype
+    return Stacked([(a.to(dt), list(b)) for a, b in calls])
+
+
+def linear_gram(st: Stacked, mode: str = "auto") -> Tensor:
     """Per-sample Gram (B, K, K) of the weight gradients ``G^k_i = sum_t b^k_{i,t} a_{i,t}^T``.
 
     Args:
-        calls: per call of the layer, inputs a (B, T_u, d_in) and K output gradients
-            b^k (B, T_u, d_out); the tokens of all calls of one sample form its sequence.
-        mode: "ghost" (``sum_{t,s} (a_t.a_s)(b^k_t.b^l_s)``, Opacus's ghost-norm identity
-            across losses, cost ~ T^2 (d_in + K(K+1)/2 d_out) per sample), "materialize"
-            (this layer's per-sample gradients (B, K, d_in*d_out), cost ~ K T d_in d_out), or
-            "auto" (the cheaper of the two by that count; T = tokens of all calls).
+        st: the layer's :class:`Stacked` calls (a (B, T_u, d_in), K times b (B, T_u, d_out)).
+        mode: "ghost": ``<G^k_i, G^l_i> = <b^k_i, (a_i a_i^T) b^l_i>`` over the T tokens of
+            all calls (Opacus's ghost-norm identity across losses, associated so that the
+            (T, T) input Gram multiplies each output gradient once: cost ~ T^2 (d_in + K d_out)
+            + K^2 T d_out per sample); "materialize": this layer's per-sample gradients
+            (B, K, d_out*d_in), then their Gram (cost ~ K T d_in d_out + K^2 d_in d_out);
+            "auto": the cheaper of the two by those counts.
     """
-    a0, b0 = calls[0]
+    calls = st.calls
+    b0 = calls[0][1]
     K = len(b0)
     B, _, d_out = b0[0].shape
-    d_in = a0.shape[-1]
-    dt = b0[0].dtype
-    T = sum(a.shape[1] for a, _ in calls)
+    d_in = calls[0][0].shape[-1]
+    T = st.T
     if mode == "auto":
         mode = "ghost" if ghost_cost(T, d_in, d_out, K) <= materialize_cost(T, d_in, d_out, K) else "materialize"
     if mode == "ghost":
-        M = torch.zeros(B, K, K, dtype=dt, device=b0[0].device)
-        for au, bu in calls:
-            for av, bv in calls:
-                aa = torch.bmm(au.to(dt), av.to(dt).transpose(1, 2))  # (B, T_u, T_v)
-                for k in range(K):
-                    for l in range(k, K):
-                        M[:, k, l] += (torch.bmm(bu[k], bv[l].transpose(1, 2)) * aa).sum((1, 2))
+        a = st.a_all()
+        aa = torch.bmm(a, a.transpose(1, 2))  # (B, T, T)
+        del a
+        offs = [0]
+        for au, _ in calls:
+            offs.append(offs[-1] + au.shape[1])
+        M = torch.zeros(B, K, K, dtype=st.dtype, device=b0[0].device)
+        for l in range(K):
+            y = None  # (a a^T) b^l: (B, T, d_out), one (T, T) x (T, d_out) product per loss
+            for v, (_, bv) in enumerate(calls):
+                cols = aa[:, :, offs[v]:offs[v + 1]]
+                y = torch.bmm(cols, bv[l]) if y is None else y.baddbmm_(cols, bv[l])
+            for u, (_, bu) in enumerate(calls):
+                yu = y[:, offs[u]:offs[u + 1]].reshape(B, -1, 1)
+                for k in range(l + 1):
+                    M[:, k, l] += torch.bmm(bu[k].reshape(B, 1, -1), yu).view(B)
         iu = torch.triu_indices(K, K, 1)
         M[:, iu[1], iu[0]] = M[:, iu[0], iu[1]]
         return M
-    Gs = []
+    G = torch.empty(B, K, d_out * d_in, dtype=st.dtype, device=b0[0].device)  # per-sample gradients
     for k in range(K):
-        G = None
-        for a, b in calls:
-            part = torch.bmm(a.to(dt).transpose(1, 2), b[k])  # (B, d_in, d_out)
-            G = part if G is None else G.add_(part)
-        Gs.append(G.view(B, -1))
-    G = torch.stack(Gs, dim=1)  # (B, K, d_in*d_out)
+        Gk = G[:, k].view(B, d_out, d_in)
+        for j, (a, b) in enumerate(calls):
+            if j == 0:
+                torch.bmm(b[k].transpose(1, 2), a, out=Gk)
+            else:
+                Gk.baddbmm_(b[k].transpose(1, 2), a)
     return torch.bmm(G, G.transpose(1, 2))
 
 
 def ghost_cost(T: int, d_in: int, d_out: int, K: int) -> int:
     """Multiply-adds of the ghost Gram of one sample (see :func:`linear_gram`)."""
-    return T * T * d_in + K * (K + 1) // 2 * T * T * (d_out + 1)
+    return T * T * d_in + K * T * T * d_out + K * K * T * d_out
 
 
 def materialize_cost(T: int, d_in: int, d_out: int, K: int) -> int:
@@ -178,24 +220,24 @@ def weighted(b: list[Tensor], w: Tensor) -> Tensor:
     shape = (-1,) + (1,) * (b[0].ndim - 1)
     c = b[0] * w[:, 0].view(shape)
     for k in range(1, len(b)):
-        c = c + b[k] * w[:, k].view(shape)
+        c.add_(b[k] * w[:, k].view(shape))
     return c
 
 
-def combine_linear(calls: list[tuple[Tensor, list[Tensor]]], w: Tensor) -> Tensor:
+def combine_linear(st: Stacked, w: Tensor) -> Tensor:
     """``sum_i (sum_k w_{k,i} b^k_i)^T a_i`` over all calls: (d_out, d_in); w (B, K)."""
     out = None
-    for a, b in calls:
+    for a, b in st.calls:
         c = weighted(b, w)
-        part = c.reshape(-1, c.shape[-1]).T @ a.reshape(-1, a.shape[-1]).to(c.dtype)
+        part = c.reshape(-1, c.shape[-1]).T @ a.reshape(-1, a.shape[-1])
         out = part if out is None else out.add_(part)
     return out
 
 
-def bias_per_sample(calls: list[tuple[Tensor, list[Tensor]]]) -> Tensor:
+def bias_per_sample(st: Stacked) -> Tensor:
     """(B, K, d_out) per-sample bias gradients ``sum_t b^k_{i,t}`` over all calls."""
-    K = len(calls[0][1])
-    return torch.stack([sum(b[k].sum(1) for _, b in calls) for k in range(K)], dim=1)
+    K = len(st.calls[0][1])
+    return torch.stack([sum(b[k].sum(1) for _, b in st.calls) for k in range(K)], dim=1)
 
 
 def gram_of(G: Tensor) -> Tensor:

@@ -220,7 +220,7 @@ def load_model(path: str, device: str = "cpu") -> tuple[torch.nn.Module, Any, An
 # LR schedule, curriculum schedule, rule state) and must match.
 RESUME_MAY_CHANGE = frozenset({
     "data.eval_manifest", "data.eval_size",
-    "harmony.chunk_size", "harmony.backend", "harmony.nonfinite",
+    "harmony.chunk_size", "harmony.backend", "harmony.nonfinite", "harmony.measure_param_every",
     "train.lr", "train.min_lr_ratio", "train.weight_decay", "train.grad_clip", "train.device", "train.threads",
     "train.out", "train.resume", "train.log_every", "train.eval_every", "train.ckpt_every",
     "train.keep_checkpoints", "train.stop_after", "train.progress", "train.plots", "train.eval_batch_size",

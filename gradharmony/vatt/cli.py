@@ -63,7 +63,8 @@ def _parser() -> argparse.ArgumentParser:
     a("--lr", "peak learning rate (Adam, linear warm-up then cosine decay)")
     a("--method", "realignment rule (sum = plain VATT)", choices=METHODS)
     a("--level", "where conflicts are measured: the shared video features, per-sample parameter "
-                 "gradients, or no measurement", choices=LEVELS)
+                 "gradients over all shared parameters (--set harmony.param_decomposition=path|term), or no "
+                 "measurement", choices=LEVELS)
     a("--curriculum", "conflict curriculum", choices=CURRICULA)
     a("--curriculum-mode", "hard (drop) or soft (sigmoid weight)", choices=("hard", "soft"))
     a("--curriculum-start", "start value: fraction kept, or cosine threshold (default: 0.5 for fraction, "

@@ -40,6 +40,7 @@ __all__ = [
 METHODS = RULE_NAMES  # the rule registry's names
 LEVELS = ("feature", "parameter", "none")
 CURRICULA = ("off", "fraction", "threshold")
+PARAM_DECOMPOSITIONS = ("path", "term")
 
 
 class ConfigError(ValueError):
@@ -91,7 +92,7 @@ class HarmonyConfig:
     """Gradient harmonization: realignment rule, level, curriculum."""
 
     method: str = "pcgrad"  # one of gradharmony.rules.RULE_NAMES
-    level: str = "feature"  # feature (Harmonizer.branch) | parameter (HarmonizedOptimizer) | none
+    level: str = "feature"  # feature (Harmonizer.branch) | parameter (see param_decomposition) | none
     curriculum: str = "fraction"  # off | fraction | threshold
     curriculum_mode: str = "hard"  # hard | soft
     curriculum_start: Optional[float] = None  # None: 0.5 for fraction, 0.0 for threshold
@@ -99,7 +100,13 @@ class HarmonyConfig:
     curriculum_warmup: float = 0.1  # fraction of train.steps before the schedule starts
     curriculum_ramp: float = 0.5  # fraction of train.steps for start -> end
     curriculum_temperature: float = 0.1  # soft mode
-    chunk_size: int = 16  # parameter level
+    # parameter level: "path" = ParameterHarmonizer (ghost Grams, DDP too) | "term" = HarmonizedOptimizer
+    # (granularity="sample", per-sample gradients of each loss term in chunks; single process)
+    param_decomposition: str = "path"
+    chunk_size: int = 16  # parameter level, term decomposition
+    # feature level: every N steps also measure the per-sample parameter-level (path) cosines of the
+    # same batch without changing the update (StepOutput.cos_param); 0 = off
+    measure_param_every: int = 0
     backend: str = "auto"
     nonfinite: str = "raise"  # NaN/inf gradient policy of the core: raise | skip | zero | propagate
 
@@ -360,6 +367,12 @@ def _validate(cfg: Config) -> None:
     _check(h.curriculum_temperature > 0, "harmony.curriculum_temperature", "must be > 0")
     _check(h.nonfinite in NONFINITE_POLICIES, "harmony.nonfinite",
            f"must be one of {', '.join(NONFINITE_POLICIES)}, got {h.nonfinite!r}")
+    _check(h.param_decomposition in PARAM_DECOMPOSITIONS, "harmony.param_decomposition",
+           f"must be one of {', '.join(PARAM_DECOMPOSITIONS)}, got {h.param_decomposition!r}")
+    _check(h.measure_param_every >= 0, "harmony.measure_param_every", f"must be >= 0, got {h.measure_param_every}")
+    _check(h.measure_param_every == 0 or h.level == "feature", "harmony.measure_param_every",
+           f"needs harmony.level feature (at level {h.level!r} there is no feature-level update to compare with), "
+           f"got {h.measure_param_every}")
     _check(h.chunk_size >= 1, "harmony.chunk_size", f"must be >= 1, got {h.chunk_size}")
     _check(t.steps >= 1, "train.steps", f"must be >= 1, got {t.steps}")
     _check(t.batch_size >= 2, "train.batch_size", f"must be >= 2 (contrastive negatives), got {t.batch_size}")

@@ -12,8 +12,10 @@
   for the normalisation, so a DDP step keeps the same clips as one process would;
 * logged statistics (losses, conflict fraction, kept fraction) are averaged over ranks, the
   per-sample conflict scores are all-gathered with their clip indices for the AUROC;
-* ``harmony.level="parameter"`` is single-process only (its per-sample backward passes do not
-  go through DDP's gradient reduction);
+* ``harmony.level="parameter"``: with the path decomposition (default) the model is not wrapped
+  in DDP; ``gh.ParameterHarmonizer`` averages the combined gradients over ranks itself (the
+  per-sample Grams are of local samples, with every rank's negatives). The term decomposition
+  (``harmony.param_decomposition="term"``) is single-process only;
 * ``init_process_group`` gets a timeout (``train.dist_timeout_s``, default 600 s): a rank that
   stops without dying makes the others fail after it instead of hanging;
 * only rank 0 logs, evaluates, plots and writes checkpoints; ``--resume`` loads that checkpoint

@@ -31,12 +31,16 @@ class StepOutput:
     """What one training step reports (global values, averaged over ranks).
 
     ``stats``: the conflict statistics of the global batch (CPU tensors), None at level "none".
+    ``cos_param``: on steps measured by ``harmony.measure_param_every``, the per-sample
+    parameter-level cosines of the two losses (global batch (B,), CPU, the order of ``stats``);
+    else None (see ``Trainer.measure_param_cosines``).
     """
 
     loss: float
     loss_va: float
     loss_vt: float
     stats: Optional[gh.ConflictStats] = None
+    cos_param: Optional[Any] = None
 
     @property
     def conflict_fraction(self) -> float:

@@ -11,9 +11,16 @@ One step (feature level, the default)::
         # curriculum weight s_i -> one gradient for h_i -> backbone
     optimizer.step(); scheduler.step(); curriculum.step()
 
-At parameter level (``harmony.level="parameter"``) the per-sample loss vectors go to
-``gh.HarmonizedOptimizer(granularity="sample")`` instead. ``harmony.level="none"`` is plain VATT
-without any gradient measurement (the speed baseline).
+At parameter level (``harmony.level="parameter"``) the harmonization covers every shared
+parameter: by default (``harmony.param_decomposition="path"``) with ``gh.ParameterHarmonizer``
+(the forward runs under its ``capture``; the two per-sample loss vectors go to its ``backward``;
+DDP included: the model is not wrapped, the harmonizer averages the combined gradients over
+ranks), or (``"term"``, single process) with ``gh.HarmonizedOptimizer(granularity="sample")``.
+``harmony.level="none"`` is plain VATT without any gradient measurement (the speed baseline).
+
+``harmony.measure_param_every=N`` (feature level) also measures, every N steps, the per-sample
+parameter-level cosines of the same batch without changing the update
+(:meth:`Trainer.measure_param_cosines`; ``StepOutput.cos_param``).
 
 Feature level uses the *path* decomposition of DESIGN.md: the curriculum weight s_i scales the
 harmonized gradient reaching the shared video representation of clip i (and hence the backbone
@@ -21,6 +28,7 @@ through the video path); the audio and text paths are not re-weighted.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import random
@@ -169,8 +177,9 @@ class Trainer:
                  datasets: Optional[tuple[ClipDataset, ClipDataset, Optional[ClipDataset]]] = None,
                  overwrite: bool = False):
         self.cfg, self.ctx, self.overwrite = cfg, ctx or DistContext(), overwrite
-        if self.ctx.distributed and cfg.harmony.level == "parameter":
-            raise ConfigError("harmony.level: 'parameter' is not supported with DDP; use 'feature'")
+        if self.ctx.distributed and cfg.harmony.level == "parameter" and cfg.harmony.param_decomposition == "term":
+            raise ConfigError("harmony.param_decomposition: 'term' (level 'parameter') is not supported with DDP; "
+                              "use 'path' (the default) or level 'feature'")
         if cfg.train.batch_size % self.ctx.world_size:
             raise ConfigError(f"train.batch_size: {cfg.train.batch_size} is not divisible by the world size "
                               f"{self.ctx.world_size}")
@@ -189,6 +198,8 @@ class Trainer:
         self.curriculum = build_curriculum(cfg)
         self.harmonizer: Optional[gh.Harmonizer] = None
         self.hopt: Optional[gh.HarmonizedOptimizer] = None
+        self.ph: Optional[gh.ParameterHarmonizer] = None  # parameter level, path decomposition
+        self._measurer: Optional[gh.ParameterHarmonizer] = None  # harmony.measure_param_every
         self._build_harmony()
         self.sampler = EpochBatchSampler(len(self.train_set), t.batch_size, t.seed, self.ctx.rank,
                                          self.ctx.world_size)
@@ -216,7 +227,8 @@ class Trainer:
         np.random.seed(rank_seed)
         random.seed(rank_seed)
         self.raw_model = model
-        if self.ctx.distributed:
+        h = self.cfg.harmony
+        if self.ctx.distributed and not (h.level == "parameter" and h.param_decomposition == "path"):
             ids = [self.device.index] if self.device.type == "cuda" else None
             return DistributedDataParallel(model, device_ids=ids)
         return model
@@ -226,15 +238,27 @@ class Trainer:
         if h.level == "feature":
             self.harmonizer = gh.Harmonizer(method=h.method, curriculum=self.curriculum, backend=h.backend,
                                             nonfinite=h.nonfinite)
+        elif h.level == "parameter" and h.param_decomposition == "path":
+            self.ph = gh.ParameterHarmonizer(self.raw_model, h.method, curriculum=self.curriculum,
+                                             optimizer=self.optimizer, nonfinite=h.nonfinite)
         elif h.level == "parameter":
             self.hopt = gh.HarmonizedOptimizer(self.optimizer, method=h.method, curriculum=self.curriculum,
                                                granularity="sample", chunk_size=h.chunk_size, backend=h.backend,
                                                nonfinite=h.nonfinite, loss_reduction="sum")
+        if h.measure_param_every:
+            # measures only: its rule is never solved and it holds no curriculum or optimizer
+            self._measurer = gh.ParameterHarmonizer(self.raw_model, "sum", nonfinite="propagate")
 
     @property
     def harmony(self) -> Optional[Any]:
-        """The harmonizer (feature level) or the harmonized optimizer (parameter level); owns the curriculum."""
-        return self.harmonizer if self.harmonizer is not None else self.hopt
+        """The harmonizer (feature level), parameter harmonizer or harmonized optimizer (parameter level).
+
+        It owns the curriculum (and its ``state_dict`` holds the curriculum's state).
+        """
+        for h in (self.harmonizer, self.ph, self.hopt):
+            if h is not None:
+                return h
+        return None
 
     def load_backend(self) -> float:
         """Load the harmonization backend before the timer starts (the first use JIT-compiles the C++ ops).
@@ -243,8 +267,8 @@ class Trainer:
         RNG untouched. Returns the seconds it took (``backend_load_s`` in the summary).
         """
         h = self.cfg.harmony
-        if h.level == "none":
-            return 0.0
+        if h.level == "none" or (h.level == "parameter" and h.param_decomposition == "path"):
+            return 0.0  # the parameter harmonizer solves with the reference engine (nothing to compile)
         if self.ctx.is_main and h.backend in ("auto", "cpp", "cuda") and _backend_needs_build():
             print("[gradharmony-pretrain] compiling the C++ extension of the harmonization backend (first use "
                   "only, ~30 s; not counted as training time)...", flush=True)
@@ -280,27 +304,64 @@ class Trainer:
     def train_step(self, batch: dict[str, Tensor]) -> StepOutput:
         """Forward, harmonized backward, optimizer/scheduler step; the harmonizer steps its curriculum."""
         self.model.train()
-        zero_grad = self.hopt.zero_grad if self.hopt is not None else self.optimizer.zero_grad
-        zero_grad(set_to_none=True)
+        every = self.cfg.harmony.measure_param_every
+        cos_param = None
+        if every and (self.state.step + 1) % every == 0:
+            cos_param = self.measure_param_cosines(batch)
+        opt = self.hopt or self.ph or self.optimizer  # the harmonized ones also step their curriculum
+        opt.zero_grad(set_to_none=True)
         branch = self.harmonizer.branch if self.harmonizer is not None else None
-        out = self.model(batch, branch=branch)
+        b = batch["video"].shape[0]
+        with self.ph.capture(batch_size=b) if self.ph is not None else contextlib.nullcontext():
+            out = self.model(batch, branch=branch)
         l_va, l_vt = self.compute_losses(out, batch["text_mask"])
         loss = 0.5 * (l_va.mean() + l_vt.mean())
         self._check_finite(loss)
-        if self.hopt is not None:  # per-sample terms of the same mean loss: sum_b (l_va_b + l_vt_b) / 2B
-            n = l_va.shape[0]
-            self.hopt.backward([0.5 * l_va / n, 0.5 * l_vt / n])
+        if self.hopt is not None or self.ph is not None:
+            # per-sample terms of the same mean loss: sum_b (l_va_b + l_vt_b) / 2B
+            (self.hopt or self.ph).backward([0.5 * l_va / b, 0.5 * l_vt / b])
         else:
             loss.backward()
         harmony = self.harmony
         stats = None if harmony is None else harmony.last_stats
         if self.cfg.train.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), self.cfg.train.grad_clip)
-        (self.hopt or self.optimizer).step()  # HarmonizedOptimizer.step also steps its curriculum
+        opt.step()
         self.scheduler.step()
         if self.harmonizer is not None:
             self.harmonizer.step()  # the curriculum, once per step
-        return self._step_output(loss, l_va, l_vt, stats)
+        res = self._step_output(loss, l_va, l_vt, stats)
+        if cos_param is not None:
+            res.cos_param = all_gather_tensor(cos_param, self.ctx).cpu()
+        return res
+
+    def measure_param_cosines(self, batch: dict[str, Tensor]) -> Tensor:
+        """Per-sample parameter-level cosine of the two losses on ``batch``, leaving the training step unchanged.
+
+        A forward pass of the raw model (no branch op) under a :class:`gh.ParameterHarmonizer`
+        capture, the two per-sample loss vectors of the step (same scaling), and
+        :meth:`gh.ParameterHarmonizer.measure`: the cosine of ``g_va,i`` and ``g_vt,i``, sample
+        i's path-decomposition gradients of the two losses over every parameter reached by both
+        (``shared_only``). Every RNG (DropToken, dropout) is forked and restored, so the training
+        forward that follows draws the same noise, and nothing is written to ``.grad``, the
+        rule state or the curriculum: the update is unchanged bit for bit. Costs one forward
+        pass, two backward passes to the layer outputs and the per-sample Grams.
+
+        Returns:
+            (B_local,) float32 cosines in [-1, 1], this rank's samples in batch order (0 for a
+            sample whose gradient of either loss is zero). Under DDP the losses include every
+            rank's negatives, as in training.
+        """
+        if self._measurer is None:
+            self._measurer = gh.ParameterHarmonizer(self.raw_model, "sum", nonfinite="propagate")
+        b = batch["video"].shape[0]
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            with self._measurer.capture(batch_size=b):
+                out = self.raw_model(batch)
+            l_va, l_vt = self.compute_losses(out, batch["text_mask"])
+            _, cos = self._measurer.measure([0.5 * l_va / b, 0.5 * l_vt / b])
+        return cos[:, 0, 1].detach().float()
 
     def _check_finite(self, loss: Tensor) -> None:
         bad = (~torch.isfinite(loss.detach())).float()

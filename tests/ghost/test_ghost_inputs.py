@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -152,3 +154,26 @@ def test_bad_arguments() -> None:
             pass
     with pytest.raises(ValueError, match="K >= 2"):
         ph.backward([torch.ones((), requires_grad=True)])
+
+
+def test_measure_changes_nothing_and_matches_backward(seed) -> None:
+    torch.manual_seed(seed)
+    net = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.LayerNorm(7), torch.nn.Tanh(), torch.nn.Linear(7, 3))
+    x = torch.randn(6, 5)
+    cur = gh.ConflictCurriculum("fraction", start=0.5)
+    ph = gh.ParameterHarmonizer(net, "gradvac", curriculum=cur)
+    state = copy.deepcopy(ph.state_dict())
+
+    def losses():
+        with ph.capture(batch_size=6):
+            y = net(x)
+        return [y[:, 0].pow(2).mean(), (y[:, 1] - y[:, 2]).pow(2).mean()]
+
+    M, cos = ph.measure(losses())
+    assert all(p.grad is None for p in net.parameters()) and ph.last_gram is None and ph.last_stats is None
+    assert str(ph.state_dict()) == str(state)
+    ph.backward(losses())
+    torch.testing.assert_close(M, ph.last_gram)
+    torch.testing.assert_close(cos, ph.last_stats.cos.to(cos.dtype))
+    d = M.diagonal(dim1=1, dim2=2)
+    torch.testing.assert_close(cos[:, 0, 1], M[:, 0, 1] / (d[:, 0] * d[:, 1]).sqrt())

@@ -17,8 +17,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
-def test_two_gloo_ranks_match_single_process(tmp_path) -> None:
-    common = ["--method", "sum", "--drop-token", "0", "--steps", "2", "--set", "model.dropout=0", "--no-plots"]
+@pytest.mark.parametrize("harmony", [
+    # with the measure-only parameter-level cosines every step (collectives in the extra forward/backward)
+    ["--method", "sum", "--set", "harmony.measure_param_every=1"],
+    # parameter level (ParameterHarmonizer, not wrapped in DDP): per-sample Grams over all parameters,
+    # the curriculum on the global batch, combined gradients averaged over ranks
+    ["--method", "pcgrad", "--level", "parameter", "--curriculum", "fraction", "--set", "harmony.curriculum_warmup=0"],
+], ids=["feature-sum-measure", "parameter-pcgrad-curriculum"])
+def test_two_gloo_ranks_match_single_process(tmp_path, harmony) -> None:
+    common = harmony + ["--drop-token", "0", "--steps", "2", "--set", "model.dropout=0", "--no-plots"]
     single, ddp = tmp_path / "single", tmp_path / "ddp"
     assert main(tiny_argv(str(single)) + common) == 0
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -30,6 +37,10 @@ def test_two_gloo_ranks_match_single_process(tmp_path) -> None:
     ld = [r["train/loss"] for r in read_metrics(str(ddp)) if "train/loss" in r]
     assert len(ls) == len(ld) == 2
     torch.testing.assert_close(torch.tensor(ld), torch.tensor(ls), rtol=1e-5, atol=1e-5)
+    keys = ("train/kept_fraction", "train/score_mean")  # the per-sample cosines and curriculum of the global batch
+    ss = [[r[k] for k in keys] for r in read_metrics(str(single)) if "train/loss" in r]
+    sd = [[r[k] for k in keys] for r in read_metrics(str(ddp)) if "train/loss" in r]
+    torch.testing.assert_close(torch.tensor(sd), torch.tensor(ss), rtol=1e-4, atol=1e-5, equal_nan=True)
     ms = load_checkpoint(list_checkpoints(str(single / "checkpoints"))[-1])["model"]
     md = load_checkpoint(list_checkpoints(str(ddp / "checkpoints"))[-1])["model"]
     for k in ms:

@@ -41,8 +41,9 @@ def test_two_steps_per_method_and_level(tmp_path, method: str, level: str, curri
     assert "eval/v2t_R@1" in summary and "eval/probe_acc" in summary
 
 
-def test_resume_is_bit_for_bit(tmp_path) -> None:
-    kw = dict(train__steps=4, harmony__method="gradvac", harmony__curriculum="fraction",
+@pytest.mark.parametrize("level", ["feature", "parameter"])
+def test_resume_is_bit_for_bit(tmp_path, level: str) -> None:
+    kw = dict(train__steps=4, harmony__method="gradvac", harmony__curriculum="fraction", harmony__level=level,
               harmony__curriculum_warmup=0.0, harmony__curriculum_ramp=1.0, model__drop_token=0.5,
               model__dropout=0.1)
     straight = Trainer(tiny_config(tmp_path / "a", **kw))
