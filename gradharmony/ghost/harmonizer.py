@@ -35,6 +35,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
+from ..api import pipeline
 from ..api.stats import ConflictStats, conflict_stats
 from ..engine import reference
 from ..engine.core import NONFINITE_POLICIES, NonFiniteGradientError
@@ -50,36 +51,22 @@ def gram_to_weights(
     rule: Rule,
     curriculum: Optional[ConflictCurriculum],
     finite: Tensor,
+    nonfinite: str = "skip",
 ) -> tuple[Tensor, Tensor, ConflictStats]:
     """Per-sample Gram (B, K, K) -> weights w (B, K), cosines (B, K, K), statistics.
 
-    The Gram-level pipeline shared with :func:`gradharmony.harmonize` (rule solve, ``skip`` of
-    non-finite samples, curriculum weights folded into w, rule state update, statistics), as
-    the optimizer wrapper's per-sample path runs it. Swap point: this is the one place to
-    call a Gram-level entry point of the API instead, once the API has one.
+    The Gram-level pipeline shared with :func:`gradharmony.harmonize` and the optimizer
+    wrapper, :func:`gradharmony.api.pipeline.weigh`: rule solve, curriculum weights folded into
+    w (samples skipped under ``nonfinite="skip"`` get weight 0 and stay out of the curriculum's
+    quantile and normalisation), rule state update, statistics.
 
     Args:
         M: (B, K, K) Gram matrices (rescaled per sample is fine: every rule is scale-invariant).
-        finite: (B,) bool, False for samples whose gradients are skipped.
+        finite: (B,) bool, False for samples whose gradients held NaN/inf.
+        nonfinite: the harmonizer's policy for those samples ("skip", "zero", "propagate").
     """
-    B, K, _ = M.shape
-    dev = M.device
-    if rule.method_id is not None:
-        cos, w, phi = reference.solve(M, rule.method_id, rule.order(B, K, dev), rule.target(K, dev))
-    else:
-        w, phi = rule.solve(M)
-        cos = reference.cosine(M)
-    w = torch.where(finite.unsqueeze(-1), w, torch.zeros_like(w))
-    raw = s_w = None
-    if curriculum is not None:
-        raw = curriculum.weights_from_cos(cos)
-        s_w = curriculum.normalized(raw)
-        w = w * s_w.to(w.dtype).unsqueeze(-1)
-    mask = finite if s_w is None else finite & (s_w > 0)
-    rule.update(cos, phi, mask)
-    stats = conflict_stats(cos, s_w, raw, curriculum.threshold_tensor if curriculum is not None else None,
-                           reduce=curriculum.reduce if curriculum is not None else "min")
-    return w.detach(), cos, stats
+    wd = pipeline.weigh(M, rule, curriculum, finite, nonfinite)
+    return wd.weights.detach(), wd.cos, wd.stats
 
 
 class _Entry:
@@ -334,7 +321,8 @@ class ParameterHarmonizer:
         scale = torch.where(diag_max > 0, diag_max, torch.ones_like(diag_max))
         M_solve = M / scale[:, None, None] if self.nonfinite != "propagate" else M
         with rf("ghost.solve"):
-            w, cos, stats = gram_to_weights(M_solve, self.rule, self.curriculum, finite)
+            w, cos, stats = gram_to_weights(M_solve, self.rule, self.curriculum, finite,
+                                            "skip" if self.nonfinite == "raise" else self.nonfinite)
         self.last_weights, self.last_stats = w, stats
         grads: list[tuple[nn.Parameter, Tensor]] = []
         with rf("ghost.combine"), torch.no_grad():
