@@ -13,10 +13,12 @@ import os
 from collections import Counter
 from typing import Any
 
-from .aggregate import CONFLICT_FIELDS, KEPT_FRACTION, METRIC_BY_ID, METRICS, PRIMARY, verdict
+from .aggregate import CONFLICT_FIELDS, FIRST_FIELDS, KEPT_FRACTION, METRIC_BY_ID, METRICS, PRIMARY, verdict
 from .grid import BASELINE, CLAIMS, METHODS
 
 __all__ = ["write_raw", "write_report"]
+
+CONFLICT_ALL = (*CONFLICT_FIELDS, *(f"{f}_first" for f in FIRST_FIELDS))
 
 
 def _clean(x: Any) -> Any:
@@ -44,15 +46,15 @@ def write_raw(res: dict[str, Any], meta: dict[str, Any], folder: str) -> dict[st
         w = csv.writer(f)
         head = ["name", "method", "seed", "misalignment", "status", "steps", "wall_s", "train_time_s",
                 "conflict_source"]
-        w.writerow(head + [m.id for m in METRICS] + [f"conflict_{c}" for c in (*CONFLICT_FIELDS, "auroc_first")])
+        w.writerow(head + [m.id for m in METRICS] + [f"conflict_{c}" for c in CONFLICT_ALL])
         for r in res["runs"]:
             w.writerow([r[k] for k in head] + [r["final"].get(m.id, "") for m in METRICS]
-                       + [r["conflict_final"][c] for c in (*CONFLICT_FIELDS, "auroc_first")])
+                       + [r["conflict_final"][c] for c in CONFLICT_ALL])
     with open(paths["cells"], "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(["method", "misalignment", "quantity", "mean", "std", "n", "chance", "chance_within_class"])
         for c in res["cells"]:
-            for q in ("steps", "wall_s", "train_time_s", *[m.id for m in METRICS], *CONFLICT_FIELDS, "auroc_first"):
+            for q in ("steps", "wall_s", "train_time_s", *[m.id for m in METRICS], *CONFLICT_ALL):
                 v = c[q]
                 w.writerow([c["method"], c["misalignment"], q, v["mean"], v["std"], v["n"], v.get("chance", ""),
                             v.get("chance_within_class", "")])
@@ -219,6 +221,7 @@ def write_report(res: dict[str, Any], meta: dict[str, Any], path: str, raw: dict
     L += ["", f"Tally: {_tally(res['verdicts']['score'])}. Source of the scores per run: "
           + ", ".join(sorted({r['conflict_source'] for r in res['runs']})) + ".", ""]
     L += _sum_vs_pcgrad(res)
+    L += _dropped(res)
     if "auroc_over_training.png" in fig:
         L += [f"![AUROC over training]({fig['auroc_over_training.png']})", ""]
 
@@ -254,6 +257,29 @@ def write_report(res: dict[str, Any], meta: dict[str, Any], path: str, raw: dict
     with open(path, "w", encoding="utf-8") as f:
         f.write(text)
     return text
+
+
+def _dropped(res: dict[str, Any]) -> list[str]:
+    """What the curriculum dropped (weight 0), per group, in the first and last training window."""
+    rows = []
+    for m in res["methods"]:
+        for rate in res["rates"]:
+            c = _cell(res, m, rate)
+            if c is None or rate <= 0 or not c["frac_dropped_misaligned"]["n"]:
+                continue
+            if not any(c[k]["mean"] > 0 for k in ("frac_dropped_aligned", "frac_dropped_misaligned",
+                                                 "frac_dropped_aligned_first", "frac_dropped_misaligned_first")):
+                continue  # no curriculum: nothing dropped
+            rows.append([f"`{m}`", f"{rate:g}", _ms(c["frac_dropped_aligned_first"]),
+                         _ms(c["frac_dropped_misaligned_first"]), _ms(c["frac_dropped_aligned"]),
+                         _ms(c["frac_dropped_misaligned"])])
+    if not rows:
+        return []
+    return (["*What the curriculum dropped.* Share of aligned and of misaligned triplets whose curriculum weight "
+             "was 0 (excluded from the video path's update), first and last training window "
+             "(from `samples.jsonl`):", ""]
+            + _table(["method", "misalignment", "aligned dropped, first", "misaligned dropped, first",
+                      "aligned dropped, last", "misaligned dropped, last"], rows) + [""])
 
 
 def _sum_vs_pcgrad(res: dict[str, Any]) -> list[str]:
