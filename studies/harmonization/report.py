@@ -117,9 +117,13 @@ def write_report(res: dict[str, Any], meta: dict[str, Any], path: str, raw: dict
         "paper claims; **did not hold**: larger than the spread in the other direction; **one seed (no spread)**: "
         "fewer than two seeds, no verdict; **not measured**: the trainer did not record what is needed.",
         "",
-        "## Setup",
-        "",
     ]
+    L += _summary(res)
+    disc = os.path.join(here, "results", "harmonization", "discussion.md")
+    if os.path.exists(disc) and meta.get("profile") != "smoke":
+        with open(disc, encoding="utf-8") as f:
+            L += [f.read().rstrip(), ""]
+    L += ["## Setup", ""]
     L += _table(["", ""], [
         ["grid", f"{len(methods)} methods x {len(meta.get('seeds', []))} seeds x {len(rates)} misalignment rates"],
         ["methods", "; ".join(f"`{m}` = {METHODS[m].label}" for m in methods)],
@@ -257,6 +261,28 @@ def write_report(res: dict[str, Any], meta: dict[str, Any], path: str, raw: dict
     with open(path, "w", encoding="utf-8") as f:
         f.write(text)
     return text
+
+
+def _summary(res: dict[str, Any]) -> list[str]:
+    """Verdict tallies per claim (and per method for claims 2 and 4), from the verdict rule only."""
+    v = res["verdicts"]
+    L = ["## Summary (verdict counts)", "",
+         "How many comparisons of each claim came out *held*, *did not hold* or *within noise* (the tables "
+         "below list each one):", ""]
+    measured = [x for x in v["conflicts"] if x["verdict"] != "not measured"]
+    L.append(f"* **1. Conflicts mark noise** (misaligned triplets have negative cosines more often than aligned "
+             f"ones; per method x misalignment rate > 0): {_tally(measured)}.")
+    L.append(f"* **2. Realignment / curriculum beat plain VATT** (per method, over {len(PRIMARY)} held-out metrics "
+             f"x {len(res['rates'])} rates):")
+    L += [f"  * `{m}`: {_tally([x for x in v['methods'] if x['method'] == m])}" for m in res["methods"]
+          if m != BASELINE]
+    measured = [x for x in v["score"] if x["verdict"] != "not measured"]
+    L.append(f"* **3. The score finds the noise** (AUROC of the last training window > 0.5; per method x rate > 0): "
+             f"{_tally(measured)}.")
+    L.append("* **4. The gain grows with noise** (gain over plain VATT at the highest minus at the lowest rate):")
+    L += [f"  * `{m}`: {_tally([x for x in v['scaling'] if x['method'] == m])}" for m in res["methods"]
+          if m != BASELINE]
+    return L + [""]
 
 
 def _dropped(res: dict[str, Any]) -> list[str]:
