@@ -13,6 +13,8 @@ import os
 from collections import Counter
 from typing import Any
 
+import numpy as np
+
 from .aggregate import CONFLICT_FIELDS, FIRST_FIELDS, KEPT_FRACTION, METRIC_BY_ID, METRICS, PRIMARY, verdict
 from .grid import BASELINE, CLAIMS, METHODS
 
@@ -226,6 +228,7 @@ def write_report(res: dict[str, Any], meta: dict[str, Any], path: str, raw: dict
           + ", ".join(sorted({r['conflict_source'] for r in res['runs']})) + ".", ""]
     L += _sum_vs_pcgrad(res)
     L += _dropped(res)
+    L += _auroc_vs_quality(res)
     if "auroc_over_training.png" in fig:
         L += [f"![AUROC over training]({fig['auroc_over_training.png']})", ""]
 
@@ -283,6 +286,37 @@ def _summary(res: dict[str, Any]) -> list[str]:
     L += [f"  * `{m}`: {_tally([x for x in v['scaling'] if x['method'] == m])}" for m in res["methods"]
           if m != BASELINE]
     return L + [""]
+
+
+def _auroc_vs_quality(res: dict[str, Any]) -> list[str]:
+    """Does the score's AUROC follow how well the model learned? Spearman over runs with misaligned triplets."""
+    from .aggregate import spearman
+
+    runs = [r for r in res["runs"] if r["status"] == "completed" and r["misalignment"]
+            and r["steps_planned"] == r["steps"] and r["method"] in res["methods"]]
+    rows = []
+    groups = []  # per rate (the rate moves both quantities), all methods, then without the curriculum
+    for rate in sorted({float(r["misalignment"]) for r in runs}):
+        at = [r for r in runs if float(r["misalignment"]) == rate]
+        groups.append((f"{rate:g}, all methods", at))
+        groups.append((f"{rate:g}, without curriculum", [r for r in at if "curriculum" not in r["method"]]))
+    for label, group in groups:
+        if len(group) < 3:
+            continue
+        row = [label, str(len(group))]
+        for metric in ("v2a_R@10", "v2t_R@10"):
+            for key in ("auroc", "auroc_pass"):
+                a = [r["conflict_final"][key] for r in group]
+                b = [r["final"].get(metric, float("nan")) for r in group]
+                row.append(_f(spearman(np.asarray(a, dtype=float), np.asarray(b, dtype=float)), 2))
+        rows.append(row)
+    if not rows:
+        return []
+    return (["*Does the AUROC follow how well the model learned?* Spearman rank correlation, over the runs of "
+             "one misalignment rate, between the score's AUROC (last training window; eval pass) and held-out "
+             "retrieval at the end of training:", ""]
+            + _table(["misalignment, runs", "n", "AUROC last window vs v2a R@10", "AUROC eval pass vs v2a R@10",
+                      "AUROC last window vs v2t R@10", "AUROC eval pass vs v2t R@10"], rows) + [""])
 
 
 def _dropped(res: dict[str, Any]) -> list[str]:
