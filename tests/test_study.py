@@ -178,6 +178,7 @@ def test_aggregate_and_report_from_run_folders(tmp_path, request):
     assert res["excluded"] == ["sum__mis0.5__seed0__fake10"] and "`sum__mis0.5__seed0__fake10`" in text
     assert (tmp_path / "docs" / "results" / "harmonization" / "cosine_distributions.png").exists()
     assert (tmp_path / "docs" / "results" / "harmonization" / "auroc_over_training.png").exists()
+    assert "cosine_by_method.png" in text
 
 
 def test_curriculum_drops_per_group(tmp_path, request):

@@ -227,6 +227,8 @@ def write_report(res: dict[str, Any], meta: dict[str, Any], path: str, raw: dict
     L += ["", f"Tally: {_tally(res['verdicts']['score'])}. Source of the scores per run: "
           + ", ".join(sorted({r['conflict_source'] for r in res['runs']})) + ".", ""]
     L += _sum_vs_pcgrad(res)
+    if "cosine_by_method.png" in fig:
+        L += [f"![cosine distributions per method]({fig['cosine_by_method.png']})", ""]
     L += _dropped(res)
     L += _auroc_vs_quality(res)
     if "auroc_over_training.png" in fig:
