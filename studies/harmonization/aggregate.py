@@ -393,6 +393,7 @@ def read_run(folder: str) -> dict[str, Any]:
         "wall_s": study.get("wall_s", float("nan")), "train_time_s": summary.get("train_time_s", float("nan")),
         "final": {}, "chance": {}, "keys_used": {},
         "eval_data": summary.get("eval_data"),  # the trainer's description of its evaluation split
+        "jobs": (study.get("sessions") or [{}])[-1].get("jobs"),  # runs side by side in its last session
     }
     evals = [r for r in records if any(k.startswith("eval/") for k in r)]
     last_eval = evals[-1] if evals else {}
