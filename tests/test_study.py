@@ -122,7 +122,7 @@ def test_verdict_rule():
     assert agg.verdict(float("nan"), 0.1, 3) == "not measured"
 
 
-def _fake_run(root, method, seed, rate, v2t, rng, with_param=True, renamed=False, steps=20):
+def _fake_run(root, method, seed, rate, v2t, rng, with_param=True, renamed=False, steps=20, drop=None):
     """A run folder as the trainer writes it, with per-sample cosines in samples.jsonl."""
     name = f"{method}__mis{rate:g}__seed{seed}__fake{steps}"
     d = root / name
@@ -144,6 +144,10 @@ def _fake_run(root, method, seed, rate, v2t, rng, with_param=True, renamed=False
             rec = {"step": step, "misaligned": mis.tolist(), "cos": cos.tolist()}
             if with_param:
                 rec["cos_param"] = (cos + rng.normal(0, 0.05, 16)).tolist()
+            if drop is not None:  # a curriculum dropping the `drop` share with the lowest cosine
+                w = np.ones(16)
+                w[np.argsort(cos)[: int(drop * 16)]] = 0.0
+                rec["weight"] = w.tolist()
             f.write(json.dumps(rec) + "\n")
     return d
 
@@ -174,6 +178,21 @@ def test_aggregate_and_report_from_run_folders(tmp_path, request):
     assert res["excluded"] == ["sum__mis0.5__seed0__fake10"] and "`sum__mis0.5__seed0__fake10`" in text
     assert (tmp_path / "docs" / "results" / "harmonization" / "cosine_distributions.png").exists()
     assert (tmp_path / "docs" / "results" / "harmonization" / "auroc_over_training.png").exists()
+    assert "cosine_by_method.png" in text
+
+
+def test_curriculum_drops_per_group(tmp_path, request):
+    """The weight column -> share of aligned / misaligned triplets dropped, first and last window."""
+    rng = np.random.default_rng(_seed(request))
+    d = _fake_run(tmp_path, "sum", 0, 0.5, 0.4, rng, drop=0.25)
+    fc = agg._final_conflict(agg.read_run(str(d)))
+    for when in ("", "_first"):
+        # the fake cosines separate the groups: the lowest quarter of a batch is (nearly) all misaligned,
+        # about half of the misaligned ones
+        assert fc[f"frac_dropped_aligned{when}"] < 0.1
+        assert 0.25 < fc[f"frac_dropped_misaligned{when}"] < 0.75
+    d2 = _fake_run(tmp_path, "pcgrad", 0, 0.5, 0.4, rng)  # no weight column: not measured, not zero
+    assert not np.isfinite(agg._final_conflict(agg.read_run(str(d2)))["frac_dropped_aligned"])
 
 
 def test_missing_metric_is_named(tmp_path, request):

@@ -29,7 +29,8 @@ Modules:
     checkpoint    atomic checkpoints loaded with weights_only=True and checked against a SHA-256,
                   the resume policy (which options may change), load_model (a trained VATT)
     runfolder     the run folder (--out) and its write policy: a bad --out at the start, RunIOError
-                  (exit 3) during the run, stale .tmp_* removed, no second final evaluation
+                  (exit 3) during the run, stale .tmp_* removed, no second final evaluation;
+                  samples.jsonl (per-sample cosine, clip index, ground truth; train.log_samples)
     evaluate      retrieval R@1/5/10 + median rank (ties in expectation) with chance levels, linear
                   probe, conflict-score AUROC, held-out split
     distributed   torchrun / DDP helpers (NCCL on GPU, Gloo on CPU)

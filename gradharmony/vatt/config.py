@@ -134,6 +134,7 @@ class TrainConfig:
     stop_after: Optional[int] = None  # stop after this many steps in this session (preemptible jobs)
     progress: bool = True
     plots: bool = True
+    log_samples: bool = True  # samples.jsonl: per-sample training cosine, clip index, ground-truth misaligned flag
     eval_batch_size: int = 128
     dist_timeout_s: float = 600.0  # DDP: seconds a collective waits for a stopped rank before failing
 

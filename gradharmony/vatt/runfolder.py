@@ -1,13 +1,13 @@
 """The run folder (``--out``) and its write policy.
 
-Layout: ``config.json``, ``metrics.jsonl``, ``checkpoints/step_XXXXXXXX.pt``, ``plots/*.png``,
+Layout: ``config.json``, ``metrics.jsonl``, ``samples.jsonl`` (``train.log_samples``), ``checkpoints/step_XXXXXXXX.pt``, ``plots/*.png``,
 ``summary.json``. Only rank 0 writes. Policy:
 
 * at the start (:meth:`RunFolder.prepare`) the folder is created and ``config.json`` written; a
   folder that cannot be written (read-only, under a file, disk full) is a bad ``--out``
   (:class:`~gradharmony.vatt.config.ConfigError`, exit 2); ``.tmp_*`` files of interrupted
-  checkpoint writes are removed; metrics records after the step resumed from are dropped (an
-  unparseable last line with a warning);
+  checkpoint writes are removed; metrics and per-sample records after the step resumed from are
+  dropped (an unparseable last line with a warning);
 * during the run a failed write raises :class:`RunIOError` (exit 3) naming the file and what was
   kept (the last checkpoint and the metrics up to it);
 * a finished run resumed again reuses its logged final evaluation (:meth:`RunFolder.logged_eval`).
@@ -39,8 +39,10 @@ class RunFolder:
     def __init__(self, path: str, is_main: bool = True):
         self.path, self.is_main = path, is_main
         self.metrics_path = os.path.join(path, "metrics.jsonl")
+        self.samples_path = os.path.join(path, "samples.jsonl")
         self.ckpt_dir = os.path.join(path, "checkpoints")
         self.metrics = MetricsLog(self.metrics_path, enabled=is_main)
+        self.samples = MetricsLog(self.samples_path, enabled=is_main)  # one record per step, same policy
 
     def latest(self) -> Optional[str]:
         """The highest-step checkpoint, or None."""
@@ -64,6 +66,7 @@ class RunFolder:
                     for p in remove_stale_tmp(folder):
                         print(f"removed {p} (left by an interrupted write)", flush=True)
             self.metrics.truncate(step if step else -1)  # a fresh start keeps no old record
+            self.samples.truncate(step if step else -1)
             if step == 0 and first_record is not None:
                 self.metrics.append(first_record)
         except OSError as e:
@@ -87,6 +90,13 @@ class RunFolder:
             self.metrics.append(rec)
         except OSError as e:
             raise self.io_error(self.metrics_path, e, rec.get("step", -1), last_checkpoint) from None
+
+    def log_samples(self, rec: dict[str, Any], last_checkpoint: Optional[str] = None) -> None:
+        """Append one per-sample record to ``samples.jsonl``; :class:`RunIOError` when it cannot be written."""
+        try:
+            self.samples.append(rec)
+        except OSError as e:
+            raise self.io_error(self.samples_path, e, rec.get("step", -1), last_checkpoint) from None
 
     def logged_eval(self, step: int) -> Optional[dict[str, float]]:
         """The ``eval/`` metrics already logged for ``step`` (a finished run resumed again), or None."""

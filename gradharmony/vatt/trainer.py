@@ -452,6 +452,8 @@ class Trainer:
         self.state.train_time_s += dt
         if res.stats is not None:
             self.tracker.update(glob, res.stats.score, self.state.step)
+            if t.log_samples and self.ctx.is_main:
+                self._log_samples(glob, res.stats)
         self.meter.add(res, dt, t.batch_size)
         step = self.state.step
         if step % t.log_every == 0 or step == t.steps:
@@ -464,6 +466,20 @@ class Trainer:
             bar.update(1)
             bar.set_postfix(loss=f"{res.loss:.3f}", conflict=f"{res.conflict_fraction:.2f}",
                             sps=f"{t.batch_size / max(dt, 1e-9):.0f}")
+
+    def _log_samples(self, glob: np.ndarray, stats: gh.ConflictStats) -> None:
+        """One ``samples.jsonl`` record of the global batch: clip indices, ground-truth misaligned flag
+        (1, 0, or -1 for unknown), the conflict score (cosine between the video-audio and video-text loss
+        gradients, 4 decimals) and the curriculum weight (1 without a curriculum)."""
+        idx = np.asarray(glob, dtype=np.int64)
+        score = stats.score.detach().double().reshape(-1).tolist()
+        cw = stats.curriculum_weights
+        weight = [1.0] * len(score) if cw is None else cw.detach().double().reshape(-1).tolist()
+        rec = {"step": self.state.step, "index": idx.tolist(),
+               "misaligned": [int(m) for m in self.tracker.misaligned[idx]],
+               "cos": [round(c, 4) if math.isfinite(c) else None for c in score],
+               "weight": [round(w, 4) for w in weight]}
+        self.folder.log_samples(rec, self.state.last_checkpoint)
 
     def _progress_bar(self, stop_at: int) -> Any:
         if not (self.cfg.train.progress and self.ctx.is_main):

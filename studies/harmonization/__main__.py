@@ -97,7 +97,9 @@ def _meta(profile: Profile, args: argparse.Namespace, runs: str, results: dict[s
     steps = sorted({r["steps_planned"] for r in results["runs"] if r["steps_planned"] is not None})
     if steps:
         options["train.steps"] = ",".join(map(str, steps))
-    j = f" --jobs {jobs}" if jobs else ""
+    if not jobs:  # `report`: as recorded by the runs' last sessions
+        jobs = ",".join(map(str, sorted({r["jobs"] for r in results["runs"] if r.get("jobs")}))) or None
+    j = f" --jobs {jobs}" if jobs and "," not in str(jobs) else ""
     return {
         "profile": profile.name, "preset": profile.preset, "options": options, "seeds": seeds,
         "rates": results["rates"], "methods": results["methods"], "runs_folder": runs, "jobs": jobs or "?",

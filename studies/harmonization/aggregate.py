@@ -31,7 +31,7 @@ import numpy as np
 
 from .grid import BASELINE, METHODS
 
-__all__ = ["Metric", "METRICS", "PRIMARY", "collect", "spearman", "auroc", "precision_at_kept", "verdict",
+__all__ = ["Metric", "METRICS", "PRIMARY", "FIRST_FIELDS", "collect", "spearman", "auroc", "precision_at_kept", "verdict",
            "mean_std", "load_per_sample"]
 
 KEPT_FRACTION = 0.5  # precision of the score at this kept fraction (the default curriculum's start)
@@ -68,7 +68,9 @@ METRIC_BY_ID = {m.id: m for m in METRICS}
 # the metrics on which "does a method help" is judged (instance level both directions, class level, probe)
 PRIMARY = ("v2t_R@10", "t2v_R@10", "v2a_R@10", "a2v_R@10", "v2t_class_R@1", "probe_acc")
 CONFLICT_FIELDS = ("auroc", "precision_at_kept", "precision_chance", "frac_neg_aligned", "frac_neg_misaligned",
-                   "spearman_feature_param", "auroc_pass")
+                   "spearman_feature_param", "auroc_pass", "frac_dropped_aligned", "frac_dropped_misaligned")
+# fields also reported for the first training window (``<field>_first``)
+FIRST_FIELDS = ("auroc", "frac_neg_aligned", "frac_neg_misaligned", "frac_dropped_aligned", "frac_dropped_misaligned")
 # AUROC of the score from the trainer's eval pass (frozen model, no DropToken, same measurement for every method)
 PASS_KEYS = ("eval/auroc_conflict_pass", "eval/conflict/auroc_pass")
 
@@ -77,6 +79,7 @@ STEP_KEYS = ("step", "steps")
 MIS_KEYS = ("misaligned", "is_misaligned", "noisy", "label_misaligned")
 COS_KEYS = ("cos", "cosine", "cos_feature", "score", "feature_cos", "cos_va_vt")
 PARAM_KEYS = ("cos_param", "cos_parameter", "parameter_cos", "param_cos", "score_param")
+WEIGHT_KEYS = ("weight", "curriculum_weight", "curriculum_weights")  # 0 = dropped by the curriculum
 
 
 # ------------------------------------------------------------------ statistics
@@ -235,7 +238,7 @@ def load_per_sample(folder: str, records: list[dict[str, Any]]) -> tuple[Optiona
     are matched by the aliases in :data:`STEP_KEYS`, :data:`MIS_KEYS`, :data:`COS_KEYS`,
     :data:`PARAM_KEYS`. Returns (None, what was looked for) when nothing is found.
     """
-    rows: dict[str, list[Any]] = {"step": [], "misaligned": [], "cos": [], "cos_param": []}
+    rows: dict[str, list[Any]] = {"step": [], "misaligned": [], "cos": [], "cos_param": [], "weight": []}
 
     def add(rec: dict[str, Any], step_default: Any = None) -> None:
         mis = _find_list(rec, MIS_KEYS)
@@ -247,6 +250,8 @@ def load_per_sample(folder: str, records: list[dict[str, Any]]) -> tuple[Optiona
             rows["misaligned"] += mis
             rows["cos"] += cos
             rows["cos_param"] += par if par is not None and len(par) == len(cos) else [float("nan")] * len(cos)
+            w = _find_list(rec, WEIGHT_KEYS)
+            rows["weight"] += w if w is not None and len(w) == len(cos) else [float("nan")] * len(cos)
             return
         scalar_mis, _ = _first(rec, MIS_KEYS)
         scalar_cos, _ = _first(rec, COS_KEYS)
@@ -256,6 +261,8 @@ def load_per_sample(folder: str, records: list[dict[str, Any]]) -> tuple[Optiona
             rows["misaligned"].append(scalar_mis)
             rows["cos"].append(scalar_cos)
             rows["cos_param"].append(float("nan") if par is None else par)
+            w, _ = _first(rec, WEIGHT_KEYS)
+            rows["weight"].append(float("nan") if w is None else w)
 
     files = sorted(set(glob.glob(os.path.join(folder, "*sample*")) + glob.glob(os.path.join(folder, "*cosine*"))))
     source = ""
@@ -278,8 +285,9 @@ def load_per_sample(folder: str, records: list[dict[str, Any]]) -> tuple[Optiona
         return None, (f"no per-sample cosines: no *sample*/*cosine* .jsonl/.npz file in {folder} and no list-valued "
                       f"keys named one of {MIS_KEYS} with one of {COS_KEYS} in metrics.jsonl")
     out = {k: np.asarray([np.nan if v is None else v for v in vals], dtype=np.float64) for k, vals in rows.items()}
-    if not np.isfinite(out["cos_param"]).any():
-        del out["cos_param"]
+    for k in ("cos_param", "weight"):
+        if not np.isfinite(out[k]).any():
+            del out[k]
     return out, source
 
 
@@ -324,6 +332,10 @@ def conflict_series(folder: str, records: list[dict[str, Any]]) -> tuple[list[di
                    "frac_neg_aligned": float((al < 0).mean()) if len(al) else float("nan"),
                    "frac_neg_misaligned": float((ms < 0).mean()) if len(ms) else float("nan"),
                    "n_aligned": int(len(al)), "n_misaligned": int(len(ms))}
+            if "weight" in samples:  # share of each group the curriculum dropped (weight 0) in this window
+                w = samples["weight"][mask]
+                row["frac_dropped_aligned"] = float((w[mis == 0] <= 0).mean()) if len(al) else float("nan")
+                row["frac_dropped_misaligned"] = float((w[mis == 1] <= 0).mean()) if len(ms) else float("nan")
             if "cos_param" in samples:
                 cp = samples["cos_param"][mask]
                 row["spearman_feature_param"] = spearman(cos, cp)
@@ -381,6 +393,7 @@ def read_run(folder: str) -> dict[str, Any]:
         "wall_s": study.get("wall_s", float("nan")), "train_time_s": summary.get("train_time_s", float("nan")),
         "final": {}, "chance": {}, "keys_used": {},
         "eval_data": summary.get("eval_data"),  # the trainer's description of its evaluation split
+        "jobs": (study.get("sessions") or [{}])[-1].get("jobs"),  # runs side by side in its last session
     }
     evals = [r for r in records if any(k.startswith("eval/") for k in r)]
     last_eval = evals[-1] if evals else {}
@@ -433,13 +446,13 @@ def _infer_method(cfg: dict[str, Any]) -> Optional[str]:
 
 
 def _final_conflict(run: dict[str, Any]) -> dict[str, float]:
-    """The last window's conflict values, plus the first window's AUROC (``auroc_first``)."""
+    """The last window's conflict values, plus the first window's :data:`FIRST_FIELDS` (``<field>_first``)."""
     s = run["conflict_series"]
     out = {f: float("nan") for f in CONFLICT_FIELDS}
-    out["auroc_first"] = float("nan")
+    out.update({f"{f}_first": float("nan") for f in FIRST_FIELDS})
     if s:
         out.update({f: float(s[-1].get(f, float("nan"))) for f in CONFLICT_FIELDS})
-        out["auroc_first"] = float(s[0].get("auroc", float("nan")))
+        out.update({f"{f}_first": float(s[0].get(f, float("nan"))) for f in FIRST_FIELDS})
     out["auroc_pass"] = run.get("auroc_pass", float("nan"))
     if math.isfinite(run.get("spearman_feature_param", float("nan"))):
         out["spearman_feature_param"] = run["spearman_feature_param"]
@@ -479,7 +492,7 @@ def collect(root: str) -> dict[str, Any]:
                 wc = [r["chance_within_class"][metric.id] for r in group
                       if metric.id in r.get("chance_within_class", {})]
                 cell[metric.id]["chance_within_class"] = float(np.mean(wc)) if wc else float("nan")
-            for f in (*CONFLICT_FIELDS, "auroc_first"):
+            for f in (*CONFLICT_FIELDS, *(f"{x}_first" for x in FIRST_FIELDS)):
                 cell[f] = dict(zip(("mean", "std", "n"), mean_std([r["conflict_final"][f] for r in group])))
             cell["auroc_series"] = _mean_series(group, "auroc")
             cells.append(cell)

@@ -71,6 +71,40 @@ def cosine_distributions(res: dict[str, Any], folder: str, written: list[str]) -
     _save(fig, folder, "cosine_distributions.png", written)
 
 
+def cosine_by_method(res: dict[str, Any], folder: str, written: list[str]) -> None:
+    """Last-window cosine distributions, aligned vs misaligned, one column per method, one row per rate > 0."""
+    runs = [r for r in res["runs"] if r["histograms"] and r["status"] == "completed" and r["method"] in res["methods"]]
+    rates = sorted({float(r["misalignment"]) for r in runs if float(r["misalignment"]) > 0})
+    methods = [m for m in res["methods"] if any(r["method"] == m for r in runs)]
+    if not rates or not methods:
+        return
+    plt = _plt()
+    fig, axes = plt.subplots(len(rates), len(methods), figsize=(3.2 * len(methods), 2.5 * len(rates)),
+                             squeeze=False, sharex=True)
+    for i, rate in enumerate(rates):
+        for j, m in enumerate(methods):
+            ax = axes[i][j]
+            group = [r for r in runs if r["method"] == m and float(r["misalignment"]) == rate]
+            if not group:
+                ax.axis("off")
+                continue
+            al = sum(np.asarray(r["histograms"][-1]["aligned"], float) for r in group)
+            ms = sum(np.asarray(r["histograms"][-1]["misaligned"], float) for r in group)
+            edges = np.linspace(-1, 1, len(al) + 1)
+            for counts, lab, col in ((al, "aligned", "tab:blue"), (ms, "misaligned", "tab:red")):
+                neg = counts[: len(counts) // 2].sum() / max(counts.sum(), 1)
+                dens = counts / max(counts.sum(), 1) / np.diff(edges)
+                ax.stairs(dens, edges, label=f"{lab} ({100 * neg:.0f}% < 0)", color=col, linewidth=1.3)
+            ax.axvline(0.0, color="k", linestyle=":", linewidth=1)
+            ax.set_title(f"{m}, misalignment {rate:g}", fontsize=8)
+            ax.legend(fontsize=6)
+            if i == len(rates) - 1:
+                ax.set_xlabel("per-sample cos(g_va, g_vt)", fontsize=8)
+    fig.suptitle("gradient cosine in the last training window, aligned vs misaligned, per method (seeds pooled)",
+                 fontsize=9)
+    _save(fig, folder, "cosine_by_method.png", written)
+
+
 def metrics_vs_misalignment(res: dict[str, Any], folder: str, written: list[str]) -> None:
     metrics = [m for m in PRIMARY if any(math.isfinite(c[m]["mean"]) for c in res["cells"])]
     if not metrics:
@@ -135,6 +169,7 @@ def make_figures(res: dict[str, Any], folder: str) -> list[str]:
     os.makedirs(folder, exist_ok=True)
     written: list[str] = []
     cosine_distributions(res, folder, written)
+    cosine_by_method(res, folder, written)
     metrics_vs_misalignment(res, folder, written)
     auroc_over_training(res, folder, written)
     return written

@@ -13,10 +13,14 @@ import os
 from collections import Counter
 from typing import Any
 
-from .aggregate import CONFLICT_FIELDS, KEPT_FRACTION, METRIC_BY_ID, METRICS, PRIMARY, verdict
+import numpy as np
+
+from .aggregate import CONFLICT_FIELDS, FIRST_FIELDS, KEPT_FRACTION, METRIC_BY_ID, METRICS, PRIMARY, verdict
 from .grid import BASELINE, CLAIMS, METHODS
 
 __all__ = ["write_raw", "write_report"]
+
+CONFLICT_ALL = (*CONFLICT_FIELDS, *(f"{f}_first" for f in FIRST_FIELDS))
 
 
 def _clean(x: Any) -> Any:
@@ -44,15 +48,15 @@ def write_raw(res: dict[str, Any], meta: dict[str, Any], folder: str) -> dict[st
         w = csv.writer(f)
         head = ["name", "method", "seed", "misalignment", "status", "steps", "wall_s", "train_time_s",
                 "conflict_source"]
-        w.writerow(head + [m.id for m in METRICS] + [f"conflict_{c}" for c in (*CONFLICT_FIELDS, "auroc_first")])
+        w.writerow(head + [m.id for m in METRICS] + [f"conflict_{c}" for c in CONFLICT_ALL])
         for r in res["runs"]:
             w.writerow([r[k] for k in head] + [r["final"].get(m.id, "") for m in METRICS]
-                       + [r["conflict_final"][c] for c in (*CONFLICT_FIELDS, "auroc_first")])
+                       + [r["conflict_final"][c] for c in CONFLICT_ALL])
     with open(paths["cells"], "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(["method", "misalignment", "quantity", "mean", "std", "n", "chance", "chance_within_class"])
         for c in res["cells"]:
-            for q in ("steps", "wall_s", "train_time_s", *[m.id for m in METRICS], *CONFLICT_FIELDS, "auroc_first"):
+            for q in ("steps", "wall_s", "train_time_s", *[m.id for m in METRICS], *CONFLICT_ALL):
                 v = c[q]
                 w.writerow([c["method"], c["misalignment"], q, v["mean"], v["std"], v["n"], v.get("chance", ""),
                             v.get("chance_within_class", "")])
@@ -115,9 +119,13 @@ def write_report(res: dict[str, Any], meta: dict[str, Any], path: str, raw: dict
         "paper claims; **did not hold**: larger than the spread in the other direction; **one seed (no spread)**: "
         "fewer than two seeds, no verdict; **not measured**: the trainer did not record what is needed.",
         "",
-        "## Setup",
-        "",
     ]
+    L += _summary(res)
+    disc = os.path.join(here, "results", "harmonization", "discussion.md")
+    if os.path.exists(disc) and meta.get("profile") != "smoke":
+        with open(disc, encoding="utf-8") as f:
+            L += [f.read().rstrip(), ""]
+    L += ["## Setup", ""]
     L += _table(["", ""], [
         ["grid", f"{len(methods)} methods x {len(meta.get('seeds', []))} seeds x {len(rates)} misalignment rates"],
         ["methods", "; ".join(f"`{m}` = {METHODS[m].label}" for m in methods)],
@@ -219,6 +227,10 @@ def write_report(res: dict[str, Any], meta: dict[str, Any], path: str, raw: dict
     L += ["", f"Tally: {_tally(res['verdicts']['score'])}. Source of the scores per run: "
           + ", ".join(sorted({r['conflict_source'] for r in res['runs']})) + ".", ""]
     L += _sum_vs_pcgrad(res)
+    if "cosine_by_method.png" in fig:
+        L += [f"![cosine distributions per method]({fig['cosine_by_method.png']})", ""]
+    L += _dropped(res)
+    L += _auroc_vs_quality(res)
     if "auroc_over_training.png" in fig:
         L += [f"![AUROC over training]({fig['auroc_over_training.png']})", ""]
 
@@ -254,6 +266,82 @@ def write_report(res: dict[str, Any], meta: dict[str, Any], path: str, raw: dict
     with open(path, "w", encoding="utf-8") as f:
         f.write(text)
     return text
+
+
+def _summary(res: dict[str, Any]) -> list[str]:
+    """Verdict tallies per claim (and per method for claims 2 and 4), from the verdict rule only."""
+    v = res["verdicts"]
+    L = ["## Summary (verdict counts)", "",
+         "How many comparisons of each claim came out *held*, *did not hold* or *within noise* (the tables "
+         "below list each one):", ""]
+    measured = [x for x in v["conflicts"] if x["verdict"] != "not measured"]
+    L.append(f"* **1. Conflicts mark noise** (misaligned triplets have negative cosines more often than aligned "
+             f"ones; per method x misalignment rate > 0): {_tally(measured)}.")
+    L.append(f"* **2. Realignment / curriculum beat plain VATT** (per method, over {len(PRIMARY)} held-out metrics "
+             f"x {len(res['rates'])} rates):")
+    L += [f"  * `{m}`: {_tally([x for x in v['methods'] if x['method'] == m])}" for m in res["methods"]
+          if m != BASELINE]
+    measured = [x for x in v["score"] if x["verdict"] != "not measured"]
+    L.append(f"* **3. The score finds the noise** (AUROC of the last training window > 0.5; per method x rate > 0): "
+             f"{_tally(measured)}.")
+    L.append("* **4. The gain grows with noise** (gain over plain VATT at the highest minus at the lowest rate):")
+    L += [f"  * `{m}`: {_tally([x for x in v['scaling'] if x['method'] == m])}" for m in res["methods"]
+          if m != BASELINE]
+    return L + [""]
+
+
+def _auroc_vs_quality(res: dict[str, Any]) -> list[str]:
+    """Does the score's AUROC follow how well the model learned? Spearman over runs with misaligned triplets."""
+    from .aggregate import spearman
+
+    runs = [r for r in res["runs"] if r["status"] == "completed" and r["misalignment"]
+            and r["steps_planned"] == r["steps"] and r["method"] in res["methods"]]
+    rows = []
+    groups = []  # per rate (the rate moves both quantities), all methods, then without the curriculum
+    for rate in sorted({float(r["misalignment"]) for r in runs}):
+        at = [r for r in runs if float(r["misalignment"]) == rate]
+        groups.append((f"{rate:g}, all methods", at))
+        groups.append((f"{rate:g}, without curriculum", [r for r in at if "curriculum" not in r["method"]]))
+    for label, group in groups:
+        if len(group) < 3:
+            continue
+        row = [label, str(len(group))]
+        for metric in ("v2a_R@10", "v2t_R@10"):
+            for key in ("auroc", "auroc_pass"):
+                a = [r["conflict_final"][key] for r in group]
+                b = [r["final"].get(metric, float("nan")) for r in group]
+                row.append(_f(spearman(np.asarray(a, dtype=float), np.asarray(b, dtype=float)), 2))
+        rows.append(row)
+    if not rows:
+        return []
+    return (["*Does the AUROC follow how well the model learned?* Spearman rank correlation, over the runs of "
+             "one misalignment rate, between the score's AUROC (last training window; eval pass) and held-out "
+             "retrieval at the end of training:", ""]
+            + _table(["misalignment, runs", "n", "AUROC last window vs v2a R@10", "AUROC eval pass vs v2a R@10",
+                      "AUROC last window vs v2t R@10", "AUROC eval pass vs v2t R@10"], rows) + [""])
+
+
+def _dropped(res: dict[str, Any]) -> list[str]:
+    """What the curriculum dropped (weight 0), per group, in the first and last training window."""
+    rows = []
+    for m in res["methods"]:
+        for rate in res["rates"]:
+            c = _cell(res, m, rate)
+            if c is None or rate <= 0 or not c["frac_dropped_misaligned"]["n"]:
+                continue
+            if not any(c[k]["mean"] > 0 for k in ("frac_dropped_aligned", "frac_dropped_misaligned",
+                                                 "frac_dropped_aligned_first", "frac_dropped_misaligned_first")):
+                continue  # no curriculum: nothing dropped
+            rows.append([f"`{m}`", f"{rate:g}", _ms(c["frac_dropped_aligned_first"]),
+                         _ms(c["frac_dropped_misaligned_first"]), _ms(c["frac_dropped_aligned"]),
+                         _ms(c["frac_dropped_misaligned"])])
+    if not rows:
+        return []
+    return (["*What the curriculum dropped.* Share of aligned and of misaligned triplets whose curriculum weight "
+             "was 0 (excluded from the video path's update), first and last training window "
+             "(from `samples.jsonl`):", ""]
+            + _table(["method", "misalignment", "aligned dropped, first", "misaligned dropped, first",
+                      "aligned dropped, last", "misaligned dropped, last"], rows) + [""])
 
 
 def _sum_vs_pcgrad(res: dict[str, Any]) -> list[str]:
