@@ -68,7 +68,7 @@ from gradharmony.vatt.distributed import DistContext  # noqa: E402
 from gradharmony.vatt.trainer import Trainer, build_datasets  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import device_name, git_commit, percentiles, time_call  # noqa: E402
+from _common import device_name, git_commit, percentiles, sync, time_call  # noqa: E402
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "plain": {"harmony.level": "none", "harmony.curriculum": "off"},

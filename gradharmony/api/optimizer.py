@@ -428,7 +428,6 @@ class HarmonizedOptimizer(torch.optim.Optimizer):
                     "(use granularity='sample' for per-sample losses)"
                 )
         losses = [self._scale(l.reshape(())) for l in losses]
-        K = len(losses)
         shared, own, foreign = self._split(losses, params)
         if not shared and not own and not foreign:
             return

@@ -30,7 +30,6 @@ import warnings
 from dataclasses import dataclass
 from typing import Callable, Optional, Protocol
 
-import torch
 from torch import Tensor
 
 from ..kernels.spec import FUSED_MAX_K

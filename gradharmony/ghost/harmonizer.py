@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from ..api import pipeline
-from ..api.stats import ConflictStats, conflict_stats
+from ..api.stats import ConflictStats
 from ..engine import reference
 from ..engine.core import NONFINITE_POLICIES, NonFiniteGradientError
 from ..rules import ConflictCurriculum, Rule, get_rule
