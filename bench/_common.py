@@ -86,7 +86,8 @@ def time_call(fn: Callable[[], object], dev: torch.device) -> float:
 
 def percentiles(times: list[float]) -> tuple[float, float, float]:
     """(median, 20th, 80th percentile) of the samples."""
-    q = statistics.quantiles(times, n=10) if len(times) >= 2 else [times[0]] * 9
+    # "inclusive": interpolate within the samples (numpy's default); "exclusive" extrapolates past them for few samples
+    q = statistics.quantiles(times, n=10, method="inclusive") if len(times) >= 2 else [times[0]] * 9
     return statistics.median(times), q[1], q[7]
 
 
