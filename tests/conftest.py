@@ -6,6 +6,8 @@
   ``backend.skip_unless(G)`` skips a case the backend does not take (dtype, K).
 - ``seed`` / ``gen``: a fresh seed per test (printed; replay with ``GH_TEST_SEED=<seed>``) and a
   generator seeded with it. Seed, input and tolerance helpers: ``tests/_helpers.py``.
+- ``@pytest.mark.background(name)``: the test's tool run (nvcc, Triton's compiler, a JIT build)
+  starts when collection ends and runs on a second core meanwhile (``tests/_background.py``).
 """
 
 from __future__ import annotations
@@ -23,7 +25,21 @@ if not torch.cuda.is_available():
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # tests/_helpers.py
 
 
+import _background  # noqa: E402
 from _helpers import BACKENDS, BackendCase, backend_case  # noqa: E402,F401
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "background(name): the test waits for the tool run `name` of "
+                                       "tests/_background.py, started when collection ends")
+
+
+def pytest_collection_finish(session):
+    _background.start(m.args[0] for item in session.items for m in item.iter_markers("background"))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    _background.close()
 
 
 @pytest.fixture(params=BACKENDS)

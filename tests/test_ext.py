@@ -16,6 +16,7 @@ import sys
 import pytest
 import torch
 
+import _background
 from _helpers import assert_within_2x, eps, fresh_seed
 from _helpers import check_fused as _check_fused
 from _helpers import check_solve as _check_solve
@@ -332,12 +333,17 @@ def test_torch_compile_fullgraph(ops):
     torch.testing.assert_close(got[1], ref[1])
 
 
+@_background.job("nvcc_kernels", priority=30)
+def _nvcc_kernels(d):
+    return _background.Spec(["nvcc", "-c", "-arch=sm_90", *build_flags.NVCC_FLAGS, "-I", CSRC,
+                              os.path.join(CSRC, "cuda_selftest.cu"), "-o", str(d / "selftest.o")], timeout=300)
+
+
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
-def test_cuda_kernels_compile(tmp_path):
+@pytest.mark.background("nvcc_kernels")
+def test_cuda_kernels_compile():
     """The CUDA kernels (every dtype and K, via the standalone self-test) compile with nvcc."""
-    cmd = ["nvcc", "-c", "-arch=sm_90", *build_flags.NVCC_FLAGS, "-I", CSRC,
-           os.path.join(CSRC, "cuda_selftest.cu"), "-o", str(tmp_path / "selftest.o")]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    res, _ = _background.result("nvcc_kernels")
     assert res.returncode == 0, res.stderr[-4000:]
 
 
@@ -359,34 +365,44 @@ def _cuda_glue_stubs(d):
         (d / name).write_text("#pragma once\n" + text + "\n")
 
 
-@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
-def test_cuda_ops_compile(tmp_path):
-    """harmonize_cuda.cu (the torch glue of the CUDA ops: dispatch, guards, launches) compiles
-    with nvcc against torch's headers, as setup.py builds it; before, only the kernels
-    (cuda_selftest.cu) were compile-checked and a glue error surfaced on the GPU machine."""
+@_background.job("nvcc_glue", priority=10)
+def _nvcc_glue(d):
     import sysconfig
 
     from torch.utils.cpp_extension import include_paths
 
-    _cuda_glue_stubs(tmp_path)
+    _cuda_glue_stubs(d)
     cmd = ["nvcc", "-c", "-arch=sm_90", *build_flags.NVCC_FLAGS,
            "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE", "-DTORCH_API_INCLUDE_EXTENSION_H", "-I", CSRC,
-           "-isystem", str(tmp_path)]
+           "-isystem", str(d)]
     for inc in include_paths() + [sysconfig.get_paths()["include"]]:
         cmd += ["-isystem", inc]
-    cmd += [os.path.join(CSRC, "harmonize_cuda.cu"), "-o", str(tmp_path / "harmonize_cuda.o")]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    cmd += [os.path.join(CSRC, "harmonize_cuda.cu"), "-o", str(d / "harmonize_cuda.o")]
+    return _background.Spec(cmd, timeout=600)
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
+@pytest.mark.background("nvcc_glue")
+def test_cuda_ops_compile():
+    """harmonize_cuda.cu (the torch glue of the CUDA ops: dispatch, guards, launches) compiles
+    with nvcc against torch's headers, as setup.py builds it; before, only the kernels
+    (cuda_selftest.cu) were compile-checked and a glue error surfaced on the GPU machine."""
+    res, _ = _background.result("nvcc_glue")
     assert res.returncode == 0, res.stderr[-4000:]
 
 
 _NO_PREBUILT = "import sys; sys.modules['gradharmony._C'] = None\n"  # as if installed without it
 
 
-def _run_py(code, **env):
+def _py_env(**env):
     full = {k: v for k, v in os.environ.items() if not k.startswith("GRADHARMONY_")}
     full.update(env)
+    return full
+
+
+def _run_py(code, **env):
     return subprocess.run([sys.executable, "-c", _NO_PREBUILT + code], capture_output=True,
-                          text=True, timeout=600, env=full)
+                          text=True, timeout=600, env=_py_env(**env))
 
 
 def test_fallback_without_compiler(tmp_path):
@@ -413,11 +429,7 @@ print(report())
     assert len(res.stdout.splitlines()[0]) < 600  # one readable line
 
 
-@pytest.mark.skipif(shutil.which("ninja") is None, reason="ninja not on PATH")
-def test_jit_build_cached_in_torch_extensions_dir(tmp_path):
-    """Without a prebuilt _C (GRADHARMONY_SKIP_EXT=1 install) the ops are JIT-compiled on first
-    use into $TORCH_EXTENSIONS_DIR, agree with the reference, and `gradharmony.info` says so."""
-    code = """
+_JIT_CODE = """
 import torch, gradharmony as gh
 from gradharmony.kernels import ext
 from gradharmony.info import report
@@ -428,7 +440,20 @@ torch.testing.assert_close(r.grad, ref.grad)
 print(ext.ops_source(), ext.ops_path())
 print(report())
 """
-    res = _run_py(code, TORCH_EXTENSIONS_DIR=str(tmp_path))
+
+
+@_background.job("jit_build", priority=20)
+def _jit_build(d):
+    return _background.Spec([sys.executable, "-c", _NO_PREBUILT + _JIT_CODE], timeout=600,
+                            env=_py_env(TORCH_EXTENSIONS_DIR=str(d)))
+
+
+@pytest.mark.skipif(shutil.which("ninja") is None, reason="ninja not on PATH")
+@pytest.mark.background("jit_build")
+def test_jit_build_cached_in_torch_extensions_dir():
+    """Without a prebuilt _C (GRADHARMONY_SKIP_EXT=1 install) the ops are JIT-compiled on first
+    use into $TORCH_EXTENSIONS_DIR, agree with the reference, and `gradharmony.info` says so."""
+    res, tmp_path = _background.result("jit_build")
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     src, path = res.stdout.splitlines()[0].split(" ", 1)
     assert src == "jit" and path.startswith(str(tmp_path)) and os.path.isfile(path), res.stdout

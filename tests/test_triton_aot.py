@@ -17,19 +17,27 @@ from pathlib import Path
 
 import pytest
 
+import _background
+
 triton = pytest.importorskip("triton")
 pytest.importorskip("triton.backends.nvidia.driver")
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_triton_kernels_compile_for_sm90(tmp_path):
+@_background.job("triton_aot", priority=40)
+def _triton_aot(d):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the default; set to silence Triton 3.9's notice
-    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")  # compile for real, not from a cache
-    out = tmp_path / "aot.json"
-    res = subprocess.run([sys.executable, str(ROOT / "bench" / "triton_aot.py"), "--arch", "90",
-                          "--json", str(out), "--no-spills"], capture_output=True, text=True, timeout=900, env=env)
+    env["TRITON_CACHE_DIR"] = str(d / "cache")  # compile for real, not from a cache
+    return _background.Spec([sys.executable, str(ROOT / "bench" / "triton_aot.py"), "--arch", "90",
+                             "--json", str(d / "aot.json"), "--no-spills"], timeout=900, env=env)
+
+
+@pytest.mark.background("triton_aot")
+def test_triton_kernels_compile_for_sm90():
+    res, d = _background.result("triton_aot")
+    out = d / "aot.json"
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
     rows = json.loads(out.read_text())["rows"]
     kernels = {r["kernel"] for r in rows}

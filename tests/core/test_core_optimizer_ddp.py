@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 
+import _background
 import pytest
 import torch
 
@@ -64,20 +65,29 @@ SCRIPT = textwrap.dedent(
 )
 
 
+def _env():
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+
+
+@_background.job("core_ddp", priority=5)
+def _two_ranks(d):
+    (d / "ddp_opt.py").write_text(SCRIPT)
+    return _background.Spec([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(d / "ddp_opt.py"), str(d / "params")], timeout=180, env=_env())
+
+
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
+@pytest.mark.background("core_ddp")
 def test_two_gloo_ranks_match_one_process(tmp_path):
     script = tmp_path / "ddp_opt.py"
     script.write_text(SCRIPT)
-    out = str(tmp_path / "params")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    one = subprocess.run([sys.executable, str(script), out + ".single", "single"], env=env, capture_output=True,
-                         text=True, timeout=120)
+    one = subprocess.run([sys.executable, str(script), str(tmp_path / "params.single"), "single"], env=_env(),
+                         capture_output=True, text=True, timeout=120)
     assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          str(script), out], env=env, capture_output=True, text=True, timeout=180)
+    two, d = _background.result("core_ddp")  # the two ranks (torchrun)
     assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-3000:]
-    single = torch.load(out + ".single")
-    r0, r1 = torch.load(out + ".0"), torch.load(out + ".1")
+    single = torch.load(tmp_path / "params.single")
+    r0, r1 = torch.load(d / "params.0"), torch.load(d / "params.1")
     for gr in ("batch", "sample"):
         assert torch.equal(r0[gr], r1[gr]), f"{gr}: replicas diverged by {(r0[gr] - r1[gr]).abs().max()}"
         torch.testing.assert_close(r0[gr], single[gr], rtol=1e-10, atol=1e-10, msg=f"{gr}: 2 ranks vs one process")
