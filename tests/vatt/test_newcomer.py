@@ -26,12 +26,15 @@ def test_readme_usage_example_runs_as_a_script_and_learns(capsys) -> None:
 
 
 def test_help_shows_defaults_choices_and_exit_codes(capsys) -> None:
+    from gradharmony import rules as gh_rules
+
+    assert "upgrad" in gh_rules.RULE_NAMES  # the choices come from the rule registry
     with pytest.raises(SystemExit) as e:
         main(["--help"])
     assert e.value.code == 0
     out = " ".join(capsys.readouterr().out.split())
     for text in ("--steps STEPS total optimizer steps (default: 600)",
-                 "one of sum, pcgrad, gradvac, cagrad, mgda (default: pcgrad)",
+                 f"one of {', '.join(gh_rules.RULE_NAMES)} (default: pcgrad)",
                  "one of feature, parameter, none (default: feature)",
                  "one of off, fraction, threshold (default: fraction)",
                  "one of tiny, small, base", "(default: 0.002)", "3 a write to the run folder failed"):
