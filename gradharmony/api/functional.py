@@ -81,6 +81,9 @@ class HarmonizeResult:
         sample_weights: (B,) applied per-sample curriculum factor, or None.
         curriculum_weights: (B,) raw curriculum weights in [0, 1], or None.
         backend: name of the backend that ran.
+        nonfinite_samples: (n,) indices of the samples that held NaN/inf, or None (a property).
+        finite: (B,) bool mask of the finite samples when the health check ran on the device
+            (no host sync; ``nonfinite_samples`` reads it), else None.
     """
 
     grad: Tensor
@@ -92,8 +95,23 @@ class HarmonizeResult:
     backend: str
     threshold: Optional[Union[float, Tensor]] = None  # 0-d tensor until read (no host sync)
     score_reduce: str = "min"
-    nonfinite_samples: Optional[Tensor] = None
+    _nonfinite: Optional[Tensor] = field(default=None, repr=False)
     _stats: Optional[ConflictStats] = field(default=None, repr=False)
+    finite: Optional[Tensor] = field(default=None, repr=False)
+
+    @property
+    def nonfinite_samples(self) -> Optional[Tensor]:
+        """(n,) indices of the samples whose gradients held NaN/inf, or None if none did.
+
+        Where the health check ran on the device (an accelerator or ``torch.compile``; see
+        README, "Numerics"), the indices are read from the (B,) mask ``finite`` only here
+        (one host sync, on first read).
+        """
+        if self._nonfinite is None and self.finite is not None and self.finite.numel():
+            idx = (~self.finite).nonzero().squeeze(-1)
+            self._nonfinite = idx if idx.numel() else None
+            self.finite = None
+        return self._nonfinite
 
     @property
     def stats(self) -> ConflictStats:
@@ -174,6 +192,7 @@ def harmonize(
         backend=res.backend,
         threshold=wd.threshold,
         score_reduce=wd.score_reduce,
-        nonfinite_samples=res.nonfinite_samples,
+        _nonfinite=res.nonfinite_samples,
         _stats=None,
+        finite=res.finite,
     )
