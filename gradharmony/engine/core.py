@@ -3,13 +3,17 @@
 It runs the fused kernel when it can (sum / pcgrad / gradvac, K <= 8, no batch-level
 sample weighting), otherwise gram -> solve -> combine; the API layer
 (``gradharmony.api.pipeline``) adds the curriculum and the rule state update between
-the solve and the combine, from the same phases. After the
-Gram pass it makes one health check of the B*K Gram diagonals (one host sync) and
-repairs the rare samples whose squared norms over- or underflow the accumulation
-dtype (|g| beyond ~1e19 or below ~1e-15 in float32): their coefficients are solved on
-the Gram of the sample rescaled by its largest entry (every rule here is invariant to
-that scale), so no NaN comes out of finite input at any scale. The same check finds
-non-finite gradients and applies the caller's ``nonfinite`` policy.
+the solve and the combine, from the same phases.
+
+The health check (:func:`health_check`) keeps finite input NaN-free at any scale and
+applies the caller's ``nonfinite`` policy. Samples whose squared norms over- or underflow
+the accumulation dtype (|g| beyond ~1e18 or below ~1e-15 in float32), or hold NaN/inf, are
+solved on their Gram rebuilt in float64 from per-row rescaled gradients (:func:`_rebuild`):
+cosines and every rule are invariant to a sample's scale, and the row scales are put back in
+float64, so a row 1e-30 of another keeps its true direction and relative size. The check
+runs on the host (one read of the diagonals; the rare samples repaired by index) or, where a
+host read costs a device sync or a graph break and the policy is not "raise", on the device
+by masks (:func:`use_device_check`, :func:`_health_device`).
 """
 
 from __future__ import annotations
@@ -92,22 +96,25 @@ def _row_scales(G: Tensor) -> Tensor:
     """Largest |entry| of each gradient row, (B, K) in G's dtype (NaN/inf where the row holds one)."""
     if G.shape[2] == 0:  # zero-width gradients: nothing to reduce
         return G.new_zeros(G.shape[:2])
-    return G.abs().amax(-1)
+    # max |entry| without a copy of |G|; NaN propagates through both reductions
+    return torch.maximum(G.amax(-1), -G.amin(-1))
 
 
 def _row_scaled_gram(G: Tensor, s: Tensor) -> Tensor:
     """Gram of G with row k of each sample divided by ``s[b, k]`` (0, NaN, inf: by 1).
 
     Entries are at most D in magnitude: no over- or underflow of a squared norm. In the
-    accumulation dtype; chunked over D so that no copy of G is made at once.
+    accumulation dtype; chunked over D (chunks of ~1 MiB on the CPU, which stay in cache
+    between the scaling and the product) so that no copy of G is made at once.
     """
     s_safe = torch.where((s > 0) & torch.isfinite(s), s, torch.ones_like(s)).unsqueeze(-1)
     B, K, D = G.shape
     dt = reference.acc_dtype(G.dtype)
-    if D <= (1 << 22) // max(1, B * K):
+    elems = (1 << 18) if G.device.type == "cpu" else (1 << 22)
+    chunk = max(1, elems // max(1, B * K))
+    if D <= chunk:
         return reference.gram(G / s_safe)
     M = torch.zeros(B, K, K, dtype=dt, device=G.device)
-    chunk = max(1, (1 << 22) // max(1, B * K))
     for a in range(0, D, chunk):
         g = (G[:, :, a : a + chunk] / s_safe).to(dt)
         M.baddbmm_(g, g.transpose(1, 2))
@@ -298,8 +305,7 @@ def combine(be, G: Tensor, w: Tensor, reduction: str, health: Health, nonfinite:
     Gc = health.combine_input if health.combine_input is not None else G
     if nonfinite != "skip":
         return be.combine(Gc, w, reduction)
-    out = be.combine(Gc, w, "none")
-    out = torch.where(health.finite.unsqueeze(-1), out, torch.zeros_like(out))
+    out = be.combine(Gc, w, "none").masked_fill_(~health.finite.unsqueeze(-1), 0)
     return out.sum(0) if reduction == "sum" else out
 
 
