@@ -64,13 +64,14 @@ def main() -> None:
             print(f"{B}x{K}x{D} {be:6s} {ck:6s} {med:9.3f} ms (p20 {p20:.3f}, p80 {p80:.3f})", flush=True)
     meta = {"commit": git_commit(), "torch": torch.__version__, "machine": platform.machine(),
             "threads": torch.get_num_threads(), "method": "pcgrad", "dtype": "float32",
-            "nonfinite": args.nonfinite}
+            "nonfinite": args.nonfinite, "loadavg_1m_at_end": round(__import__("os").getloadavg()[0], 2)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"health_{args.tag}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     lines = [f"# harmonize cost by health check ({args.tag})", "",
              f"commit {meta['commit']}, torch {meta['torch']}, {meta['machine']}, {meta['threads']} threads, "
-             f"PCGrad float32, nonfinite={args.nonfinite!r}, {args.rounds} interleaved rounds", "",
+             f"PCGrad float32, nonfinite={args.nonfinite!r}, {args.rounds} interleaved rounds, "
+             f"load average {meta['loadavg_1m_at_end']} at the end (2-core machine shared with other jobs)", "",
              "| B x K x D | backend | check | median ms | p20 | p80 |", "|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {'x'.join(map(str, r['shape']))} | {r['backend']} | {r['check']} | "

@@ -152,6 +152,9 @@ def harmonize(
         backend: "auto", "torch" (reference), "cpp", "cuda" or "triton".
         nonfinite: "raise" (default), "skip" (drop samples with NaN/inf), "zero" (zero
             the non-finite entries) or "propagate" (pass them through, for GradScaler).
+            "raise" reads the Gram diagonals on the host once per call; the others run
+            without a host sync on an accelerator and under ``torch.compile`` (README,
+            "Host syncs").
         **rule_kwargs: options of the rule named by ``method`` (e.g. ``c=0.4``).
 
     Autograd: the outputs are detached first-order results (no graph through the
