@@ -116,11 +116,14 @@ def weigh(
         else:
             solved = core.solve_rows(M, None, None, None, rule.solve, dtype=dtype)
     cos, w, phi = solved
+    given = finite is not None
     if finite is None:
         finite = torch.ones(B, dtype=torch.bool, device=M.device)
     elif finite.shape != (B,) or finite.dtype != torch.bool:
         raise ValueError(f"finite must be a bool tensor of shape ({B},), got {finite.dtype} {tuple(finite.shape)}")
-    if masked and not (curriculum is not None and nonfinite == "skip"):
+    if not given:
+        all_finite = True  # nothing to read
+    elif masked and not (curriculum is not None and nonfinite == "skip"):
         all_finite = False  # not read on the host: masking is a no-op on finite samples
     else:
         all_finite = bool(finite.all()) if B else True

@@ -229,3 +229,54 @@ def test_cuda_no_host_sync(method, nonfinite):
         finally:
             torch.cuda.set_sync_debug_mode(0)
         assert torch.isfinite(r.grad).all() or nonfinite == "propagate"
+
+
+class _HostReads:
+    """Counts the host reads of tensor values in eager mode (what stalls a CUDA stream):
+    .item(), .tolist(), bool/int/float of a tensor, nonzero and boolean-mask indexing."""
+
+    def __init__(self, monkeypatch):
+        self.n = 0
+        T = torch.Tensor
+        for name in ("item", "tolist", "__bool__", "__int__", "__float__", "nonzero"):
+            self._wrap(monkeypatch, T, name)
+        self._wrap(monkeypatch, torch, "nonzero")
+        get = T.__getitem__
+
+        def getitem(t, idx):
+            items = idx if isinstance(idx, tuple) else (idx,)
+            if any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in items):
+                self.n += 1
+            return get(t, idx)
+
+        monkeypatch.setattr(T, "__getitem__", getitem)
+
+    def _wrap(self, monkeypatch, owner, name):
+        f = getattr(owner, name)
+
+        def counted(*a, **k):
+            self.n += 1
+            return f(*a, **k)
+
+        monkeypatch.setattr(owner, name, counted)
+
+
+@pytest.mark.parametrize("nonfinite", ["raise", *SYNC_FREE])
+@pytest.mark.parametrize("method", ["sum", "pcgrad", "gradvac"])
+def test_host_reads_per_call(backend, method, nonfinite, seed, monkeypatch):
+    """Eager, every backend: one host read under "raise" (finite input needing no repair),
+    none under the device check (the code that runs on an accelerator) with a 1e-25 row and a
+    NaN sample. (MGDA/UPGrad read their early exit in eager; CAGrad its root search.)"""
+    G = torch.randn(6, 2, 40, generator=torch.Generator().manual_seed(seed))
+    if nonfinite != "raise":
+        G[1, 1] *= 1e-25
+        G[4, 0, 3] = math.nan
+    backend.skip_unless(G)
+    G = G.to(backend.device)
+    rule = _rule(method, 2)
+    gh.harmonize(G, rule, backend=backend.name, nonfinite="skip")  # loads and caches first
+    monkeypatch.setattr(core, "DEVICE_CHECK", True)
+    reads = _HostReads(monkeypatch)
+    for reduction in ("none", "sum"):
+        gh.harmonize(G, rule, backend=backend.name, nonfinite=nonfinite, reduction=reduction)
+    assert reads.n == (2 if nonfinite == "raise" else 0), f"{reads.n} host reads in two calls"
