@@ -104,14 +104,13 @@ def _row_scaled_gram(G: Tensor, s: Tensor) -> Tensor:
     """Gram of G with row k of each sample divided by ``s[b, k]`` (0, NaN, inf: by 1).
 
     Entries are at most D in magnitude: no over- or underflow of a squared norm. In the
-    accumulation dtype; chunked over D (chunks of ~1 MiB on the CPU, which stay in cache
-    between the scaling and the product) so that no copy of G is made at once.
+    accumulation dtype; chunked over D (4M entries per chunk) so that no copy of G is made at
+    once.
     """
     s_safe = torch.where((s > 0) & torch.isfinite(s), s, torch.ones_like(s)).unsqueeze(-1)
     B, K, D = G.shape
     dt = reference.acc_dtype(G.dtype)
-    elems = (1 << 18) if G.device.type == "cpu" else (1 << 22)
-    chunk = max(1, elems // max(1, B * K))
+    chunk = max(1, (1 << 22) // max(1, B * K))
     if D <= chunk:
         return reference.gram(G / s_safe)
     M = torch.zeros(B, K, K, dtype=dt, device=G.device)
