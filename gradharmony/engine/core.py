@@ -100,6 +100,9 @@ def _row_scales(G: Tensor) -> Tensor:
     return torch.maximum(G.amax(-1), -G.amin(-1))
 
 
+_CHUNK_ENTRIES = 1 << 22  # entries of G scaled at once by the device check
+
+
 def _row_scaled_gram(G: Tensor, s: Tensor) -> Tensor:
     """Gram of G with row k of each sample divided by ``s[b, k]`` (0, NaN, inf: by 1).
 
@@ -110,12 +113,14 @@ def _row_scaled_gram(G: Tensor, s: Tensor) -> Tensor:
     s_safe = torch.where((s > 0) & torch.isfinite(s), s, torch.ones_like(s)).unsqueeze(-1)
     B, K, D = G.shape
     dt = reference.acc_dtype(G.dtype)
-    chunk = max(1, (1 << 22) // max(1, B * K))
+    chunk = max(1, _CHUNK_ENTRIES // max(1, B * K))
     if D <= chunk:
         return reference.gram(G / s_safe)
     M = torch.zeros(B, K, K, dtype=dt, device=G.device)
+    buf = torch.empty(B, K, chunk, dtype=G.dtype, device=G.device)  # one buffer for every chunk
     for a in range(0, D, chunk):
-        g = (G[:, :, a : a + chunk] / s_safe).to(dt)
+        n = min(chunk, D - a)
+        g = torch.div(G[:, :, a : a + n], s_safe, out=buf[:, :, :n]).to(dt)
         M.baddbmm_(g, g.transpose(1, 2))
     return M
 

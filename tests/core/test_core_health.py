@@ -167,6 +167,20 @@ def test_device_check_no_nan_at_any_scale(scale, nonfinite, seed, monkeypatch):
         close(r.grad, ref, 2e-3 if method == "cagrad" else 2e-4, msg=f"{method} at scale {scale}")
 
 
+@pytest.mark.parametrize("dtype", [F32, F64, torch.bfloat16])
+def test_row_scaled_gram_chunked(dtype, seed, monkeypatch):
+    """The device check's Gram over D in chunks (one with a remainder) equals the unchunked one."""
+    G = torch.randn(3, 2, 50, generator=torch.Generator().manual_seed(seed)).to(dtype)
+    G[1, 1] *= 1e-25 if dtype != torch.bfloat16 else 1e-20
+    s = core._row_scales(G)
+    whole = core._row_scaled_gram(G, s)
+    monkeypatch.setattr(core, "_CHUNK_ENTRIES", 6 * 16)  # chunks of 16 columns: 16+16+16+2
+    chunked = core._row_scaled_gram(G, s)
+    close(chunked, whole, 1e-6, msg="chunked Gram")
+    ref = ((G.double() / s.double().unsqueeze(-1)) @ (G.double() / s.double().unsqueeze(-1)).transpose(1, 2))
+    close(chunked, ref, 1e-6 if dtype == F32 else (1e-12 if dtype == F64 else 1e-2), msg="vs float64")
+
+
 def _fn(method: str, K: int, nonfinite: str):
     # a short active-set cap keeps the traced (unrolled) loop small; the code path is the same
     rule = gh.get_rule(method, max_iter=6) if method in ("mgda", "upgrad") else _rule(method, K)
