@@ -46,6 +46,9 @@ if [ "$STAGE" = all ] || [ "$STAGE" = test ]; then
     | tee "$OUT/gpu_tests_ext.log" | tail -5 | tee -a "$OUT/run.log" || FAIL=1
   timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_triton.py 2>&1 \
     | tee "$OUT/gpu_tests_triton.log" | tail -10 | tee -a "$OUT/run.log" || FAIL=1
+  # no host sync: harmonize under torch.cuda.set_sync_debug_mode("error") on every GPU backend
+  timeout 120 python3 -m pytest -q -p no:cacheprovider -k cuda_no_host_sync tests/core/test_core_health.py 2>&1 \
+    | tee "$OUT/gpu_tests_sync.log" | tail -5 | tee -a "$OUT/run.log" || FAIL=1
 fi
 if [ "$STAGE" = all ] || [ "$STAGE" = suites ]; then
   # every op (gram, combine, solve, fused) and the property suite on the GPU backends

@@ -81,6 +81,9 @@ class HarmonizeResult:
         sample_weights: (B,) applied per-sample curriculum factor, or None.
         curriculum_weights: (B,) raw curriculum weights in [0, 1], or None.
         backend: name of the backend that ran.
+        nonfinite_samples: (n,) indices of the samples that held NaN/inf, or None (a property).
+        finite: (B,) bool mask of the finite samples when the health check ran on the device
+            (no host sync; ``nonfinite_samples`` reads it), else None.
     """
 
     grad: Tensor
@@ -92,8 +95,23 @@ class HarmonizeResult:
     backend: str
     threshold: Optional[Union[float, Tensor]] = None  # 0-d tensor until read (no host sync)
     score_reduce: str = "min"
-    nonfinite_samples: Optional[Tensor] = None
+    _nonfinite: Optional[Tensor] = field(default=None, repr=False)
     _stats: Optional[ConflictStats] = field(default=None, repr=False)
+    finite: Optional[Tensor] = field(default=None, repr=False)
+
+    @property
+    def nonfinite_samples(self) -> Optional[Tensor]:
+        """(n,) indices of the samples whose gradients held NaN/inf, or None if none did.
+
+        Where the health check ran on the device (an accelerator or ``torch.compile``; see
+        README, "Numerics"), the indices are read from the (B,) mask ``finite`` only here
+        (one host sync, on first read).
+        """
+        if self._nonfinite is None and self.finite is not None and self.finite.numel():
+            idx = (~self.finite).nonzero().squeeze(-1)
+            self._nonfinite = idx if idx.numel() else None
+            self.finite = None
+        return self._nonfinite
 
     @property
     def stats(self) -> ConflictStats:
@@ -134,6 +152,9 @@ def harmonize(
         backend: "auto", "torch" (reference), "cpp", "cuda" or "triton".
         nonfinite: "raise" (default), "skip" (drop samples with NaN/inf), "zero" (zero
             the non-finite entries) or "propagate" (pass them through, for GradScaler).
+            "raise" reads the Gram diagonals on the host once per call; the others run
+            without a host sync on an accelerator and under ``torch.compile`` (README,
+            "Host syncs").
         **rule_kwargs: options of the rule named by ``method`` (e.g. ``c=0.4``).
 
     Autograd: the outputs are detached first-order results (no graph through the
@@ -174,6 +195,7 @@ def harmonize(
         backend=res.backend,
         threshold=wd.threshold,
         score_reduce=wd.score_reduce,
-        nonfinite_samples=res.nonfinite_samples,
+        _nonfinite=res.nonfinite_samples,
         _stats=None,
+        finite=res.finite,
     )

@@ -395,9 +395,11 @@ class HarmonizedOptimizer(torch.optim.Optimizer):
                     foreign[i] = v
         return shared, own, list(foreign.values())
 
-    def _weigh(self, M_solve: Tensor, finite: Optional[Tensor], curriculum) -> pipeline.Weighed:
+    def _weigh(self, M_solve: Tensor, finite: Optional[Tensor], curriculum,
+               dtype: Optional[torch.dtype] = None) -> pipeline.Weighed:
         nf = "skip" if self.nonfinite == "raise" else self.nonfinite
-        res = pipeline.weigh(M_solve, self.rule, curriculum, finite, nf)
+        # dtype: the Grams' accumulation dtype (rows the health check rebuilt are float64)
+        res = pipeline.weigh(M_solve, self.rule, curriculum, finite, nf, dtype=dtype)
         self.last_result = res
         return res
 
@@ -455,7 +457,8 @@ class HarmonizedOptimizer(torch.optim.Optimizer):
         be = select_backend(self.backend, G)
         with torch.no_grad():
             h = core.health_check(G, be.gram(G), self.nonfinite)
-            wd = self._weigh(h.gram_solve, h.finite if h.nonfinite_samples is not None else None, None)
+            wd = self._weigh(h.gram_solve, h.finite if h.nonfinite_samples is not None else None, None,
+                             h.gram.dtype)
             w = wd.weights
             if world > 1:
                 import torch.distributed as dist
@@ -542,6 +545,7 @@ class HarmonizedOptimizer(torch.optim.Optimizer):
                 h = core.health_check(Gc, select_backend(self.backend, Gc).gram(Gc), self.nonfinite)
                 any_bad = any_bad or h.nonfinite_samples is not None
                 Ms.append(h.gram_solve)
+                acc = h.gram.dtype
                 Fs.append(h.finite)
                 del Gc
             if B == 0:
@@ -550,7 +554,7 @@ class HarmonizedOptimizer(torch.optim.Optimizer):
                 finite = torch.ones(0, dtype=torch.bool, device=first.device)
             else:
                 M_solve, finite = torch.cat(Ms), torch.cat(Fs)
-            wd = self._weigh(M_solve, finite if any_bad else None, self.curriculum)
+            wd = self._weigh(M_solve, finite if any_bad else None, self.curriculum, acc)
         W = wd.weights.detach()
         v = wd.sample_weights  # per-sample factor for task-specific and foreign leaves
         if any_bad and self.nonfinite == "skip":

@@ -77,6 +77,8 @@ def weigh(
     *,
     solved: Optional[tuple[Tensor, Tensor, Optional[Tensor]]] = None,
     order: Optional[Tensor] = None,
+    dtype: Optional[torch.dtype] = None,
+    masked: bool = False,
 ) -> Weighed:
     """Rule coefficients, curriculum weights, rule state update and statistics from Grams.
 
@@ -94,6 +96,11 @@ def weigh(
             "propagate" (kept in the batch as they are).
         solved: ``(cos, w, phi)`` already solved on ``M`` (a kernel did it), or None.
         order: the visiting order (B, K, K) the solve used, or None to draw it from the rule.
+        dtype: dtype of the solved cosines and weights (default: M's; the health check's
+            ``gram_solve`` is float64 where it holds rebuilt rows, pass the accumulation dtype).
+        masked: ``finite`` comes from a device health check: it is applied as a mask without
+            reading it on the host (one read remains with a curriculum under "skip": the
+            curriculum's quantile is over the kept samples).
     Returns:
         :class:`Weighed`; ``weights`` (B, K) include the curriculum factor.
     """
@@ -105,15 +112,21 @@ def weigh(
         if rule.method_id is not None:
             if order is None:
                 order = rule.order(B, K, M.device)
-            solved = core.solve_rows(M, rule.method_id, order, rule.target(K, M.device), None)
+            solved = core.solve_rows(M, rule.method_id, order, rule.target(K, M.device), None, dtype=dtype)
         else:
-            solved = core.solve_rows(M, None, None, None, rule.solve)
+            solved = core.solve_rows(M, None, None, None, rule.solve, dtype=dtype)
     cos, w, phi = solved
+    given = finite is not None
     if finite is None:
         finite = torch.ones(B, dtype=torch.bool, device=M.device)
     elif finite.shape != (B,) or finite.dtype != torch.bool:
         raise ValueError(f"finite must be a bool tensor of shape ({B},), got {finite.dtype} {tuple(finite.shape)}")
-    all_finite = bool(finite.all()) if B else True
+    if not given:
+        all_finite = True  # nothing to read
+    elif masked and not (curriculum is not None and nonfinite == "skip"):
+        all_finite = False  # not read on the host: masking is a no-op on finite samples
+    else:
+        all_finite = bool(finite.all()) if B else True
     skip = nonfinite == "skip" and not all_finite
     raw = s = None
     if curriculum is not None:
@@ -146,7 +159,8 @@ class PipelineOutput:
     gram: Tensor  # (B, K, K)
     weighed: Weighed
     backend: str
-    nonfinite_samples: Optional[Tensor]
+    nonfinite_samples: Optional[Tensor]  # None also when the check ran on the device (see finite)
+    finite: Optional[Tensor] = None  # (B,) bool from a device check (nonfinite_samples is then None)
 
 
 def run(
@@ -168,6 +182,14 @@ def run(
     kernel = rule.method_id is not None and K <= FUSED_MAX_K
     order = rule.order(B, K, G.device) if rule.method_id is not None else None
     target = rule.target(K, G.device) if rule.method_id is not None else None
+    if core.use_device_check(G, nonfinite):
+        # no host sync: every row is solved on the rescaled float64 Gram, then combined
+        h = core.health_check(G, None, nonfinite, device=True)
+        weighed = weigh(h.gram_solve, rule, curriculum, h.finite, nonfinite, order=order,
+                        dtype=h.gram.dtype, masked=True)
+        out = core.combine(be, G, weighed.weights, reduction, h, nonfinite)
+        return PipelineOutput(out=out, gram=h.gram, weighed=weighed, backend=be.name,
+                              nonfinite_samples=None, finite=h.finite)
     out = solved = None
     if kernel:  # the fused op, or under a curriculum the solve op (no combine)
         out, M, cos, w, phi = core.kernel_solve(be, G, rule.method_id, order, target,
@@ -179,7 +201,7 @@ def run(
     if solved is not None:
         solved = core.solve_rows(h.gram_solve, rule.method_id, order, target, None, solved, h.repaired)
     finite = h.finite if h.nonfinite_samples is not None else None  # None: no host sync in weigh
-    weighed = weigh(h.gram_solve, rule, curriculum, finite, nonfinite, solved=solved, order=order)
+    weighed = weigh(h.gram_solve, rule, curriculum, finite, nonfinite, solved=solved, order=order, dtype=M.dtype)
     stale = h.repaired is not None or (h.nonfinite_samples is not None and nonfinite in ("skip", "zero"))
     if out is None or stale:
         out = be.combine(core.repaired_input(G, h, nonfinite), weighed.weights, reduction)

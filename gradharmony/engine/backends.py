@@ -131,7 +131,8 @@ def _load_triton() -> Backend:
 
 
 _REGISTRY: dict[str, _Entry] = {
-    "torch": _Entry(loader=TorchBackend),
+    # the reference needs no load: live from the start (no lock to take under torch.compile)
+    "torch": _Entry(loader=TorchBackend, backend=TorchBackend(), tried=True),
     "cpp": _Entry(loader=_load_cpp),
     "cuda": _Entry(loader=_load_cuda),
     "triton": _Entry(loader=_load_triton),

@@ -82,7 +82,9 @@ def active_set_qp(
     n = K + 1 if simplex else K
     eyeK = torch.eye(K, dtype=dt, device=dev)
     for _ in range(max_iter):
-        if bool(done.all()):
+        # the early exit reads the flags on the host; under torch.compile the loop runs to the
+        # cap instead (every update is masked by ~done: identical results, no host sync)
+        if not torch.compiler.is_compiling() and bool(done.all()):
             break
         m = free.to(dt)
         sys_ = torch.zeros(N, n, n, dtype=dt, device=dev)
@@ -137,7 +139,9 @@ def active_set_qp(
 def warn_unconverged(converged: Tensor, rule: str, max_iter: Optional[int]) -> None:
     """One ``RuntimeWarning`` naming the rule and the count of samples whose solve stopped early
     (at the cap, or on a linear system singular to working precision); their weights are the
-    last feasible iterate."""
+    last feasible iterate. Not under ``torch.compile`` (counting them is a host read)."""
+    if torch.compiler.is_compiling():
+        return
     n = int((~converged).sum())
     if n:
         warnings.warn(

@@ -122,6 +122,7 @@ def cagrad_weights(M: Tensor, c: float = 0.4, max_iter: Optional[int] = None) ->
     r = _norm(Mn, uv - u)
     tol_t = 2.0 * math.sqrt(K * eps)
     stationary = ((t_min <= tol_t) & (r <= s)) | (s <= 0)
+    finite = torch.isfinite(Mn).flatten(1).all(-1)
     # the root of h(tau) = |g_w(tau)| / tau - s (non-increasing) on log tau
     t_max = Mn.diagonal(dim1=1, dim2=2).amax(-1).clamp_min(0).sqrt()
     s_safe = torch.where(s > 0, s, torch.ones_like(s))
@@ -156,7 +157,7 @@ def cagrad_weights(M: Tensor, c: float = 0.4, max_iter: Optional[int] = None) ->
         width_2, width_1 = width_1, width
         nxt = torch.where(converged, log_tau, torch.where(ok, lr, 0.5 * (lo + hi)))
         tau = torch.exp(nxt)
-        converged |= stationary
+        converged |= stationary | ~finite  # a NaN/inf sample: nothing to bisect
         if bool(converged.all()):
             break
     w, ok = active_set_qp(Mn, tau.unsqueeze(-1) * b, simplex=True, w0=w, max_iter=max_iter)
