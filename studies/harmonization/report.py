@@ -319,6 +319,14 @@ def _levels(res: dict[str, Any], fig: dict[str, str]) -> list[str]:
         L += ["", f"*Check.* Largest difference of any held-out metric at the end of training between a measured run "
               f"and the unmeasured run of the same method, rate and seed: {max(diffs):.3g} (0: the measurement did "
               "not change training)."]
+    cost = []
+    for c in cells:
+        p = _cell(res, c["method"], c["misalignment"])
+        if p is not None and math.isfinite(c["train_time_s"]["mean"]) and math.isfinite(p["train_time_s"]["mean"]):
+            cost.append(c["train_time_s"]["mean"] / p["train_time_s"]["mean"])
+    if cost:
+        L += ["", f"*Cost.* Training time of a measured run relative to the unmeasured runs of the same cell "
+              f"(means over seeds; different sessions and machine load): x{min(cost):.2f} to x{max(cost):.2f}."]
     L += ["", "Negative-cosine fractions per group at both levels, on the same samples (the measured steps), in the "
           "last training window and over all of training; *param. difference* = misaligned minus aligned at "
           "parameter level, with the verdict rule of the table above (claim: misaligned > aligned).", ""]
