@@ -325,8 +325,10 @@ def _levels(res: dict[str, Any], fig: dict[str, str]) -> list[str]:
         if p is not None and math.isfinite(c["train_time_s"]["mean"]) and math.isfinite(p["train_time_s"]["mean"]):
             cost.append(c["train_time_s"]["mean"] / p["train_time_s"]["mean"])
     if cost:
-        L += ["", f"*Cost.* Training time of a measured run relative to the unmeasured runs of the same cell "
-              f"(means over seeds; different sessions and machine load): x{min(cost):.2f} to x{max(cost):.2f}."]
+        L += ["", f"*Cost.* Training time of the measured runs relative to the unmeasured runs of the same cell "
+              f"(means over seeds): x{min(cost):.2f} to x{max(cost):.2f}. The two sets ran in different sessions "
+              "under different machine load, so this range is not a clean estimate; the side-by-side measurement "
+              "is in `studies/harmonization/grid.py` (`MEASURE_PARAM_EVERY`)."]
     L += ["", "Negative-cosine fractions per group at both levels, on the same samples (the measured steps), in the "
           "last training window and over all of training; *param. difference* = misaligned minus aligned at "
           "parameter level, with the verdict rule of the table above (claim: misaligned > aligned).", ""]
