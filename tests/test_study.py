@@ -82,6 +82,12 @@ def test_dry_run_prints_trainer_commands(tmp_path, capsys):
     assert all(ln.startswith("gradharmony-pretrain ") and "--resume latest" in ln for ln in lines)
     assert sum("harmony.curriculum=fraction" in ln for ln in lines) == 2 * 9
     assert main(["run", "methods", "--methods", "nope", "--runs", str(tmp_path)]) == 2
+    # the conflicts claim: its own methods, the parameter-level measurement, its own folders
+    assert main(["run", "conflicts", "--dry-run", "--runs", str(tmp_path)]) == 0
+    conf = capsys.readouterr().out.strip().splitlines()
+    assert len(conf) == 2 * 3 * 3 and all("harmony.measure_param_every=5" in ln for ln in conf)
+    assert {ln.split("harmony.method=")[1].split()[0] for ln in conf} == {"sum", "pcgrad"}
+    assert not {ln.split("--out ")[1].split()[0] for ln in conf} & {ln.split("--out ")[1].split()[0] for ln in lines}
 
 
 def test_spearman_matches_scipy_with_ties(request):

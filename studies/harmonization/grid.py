@@ -4,7 +4,8 @@ A run is one ``gradharmony-pretrain`` invocation (``python -m gradharmony.vatt``
 ``--resume latest``, in a folder named by its method, misalignment rate and seed plus a short hash
 of every option, so that:
 
-* the four claims share their runs (same settings -> same folder);
+* claims with the same settings share their runs (same settings -> same folder): claims 2-4 do;
+  claim 1 (conflicts) adds the parameter-level measurement and so has its own runs;
 * a finished run (``summary.json`` with ``status == "completed"`` at the planned step) is not
   re-run, and an interrupted one continues from its last checkpoint;
 * a change of settings (another ``--steps``, the smoke profile) never reuses a folder.
@@ -64,6 +65,7 @@ class Claim:
     id: str
     question: str
     extra_options: dict[str, str] = field(default_factory=dict)
+    methods: tuple[str, ...] = ()  # the methods it runs by default (empty: all of METHODS)
 
 
 CLAIMS: dict[str, Claim] = {c.id: c for c in (
@@ -72,7 +74,7 @@ CLAIMS: dict[str, Claim] = {c.id: c for c in (
           # the parameter-level per-sample cosines measured beside the feature-level ones every MEASURE_PARAM_EVERY
           # steps (samples.jsonl "cos_param"); the measurement leaves the update unchanged, but its runs have their
           # own folders and are kept out of the other claims' cells (aggregate.collect)
-          {"harmony.measure_param_every": str(MEASURE_PARAM_EVERY)}),
+          {"harmony.measure_param_every": str(MEASURE_PARAM_EVERY)}, methods=("sum", "pcgrad")),
     Claim("methods", "Do realignment (PCGrad, GradVac) and the conflict curriculum help? Held-out retrieval "
           "and linear probe per method."),
     Claim("score", "Does the curriculum's conflict score find the noise? AUROC and precision at the kept "
@@ -148,17 +150,17 @@ def _fmt(v: Any) -> str:
 def build_grid(root: str, profile: Profile, claims: list[str], methods: Optional[list[str]] = None,
                seeds: Optional[list[int]] = None, misalignment: Optional[list[float]] = None,
                extra: Optional[dict[str, str]] = None) -> list[RunSpec]:
-    """The runs of ``claims`` (deduplicated: claims with the same options share runs)."""
+    """The runs of ``claims`` (deduplicated: claims with the same options share runs). Without ``methods``
+    each claim runs its own :attr:`Claim.methods` (all methods when empty); with it, the given ones."""
     unknown = [c for c in claims if c not in CLAIMS]
     if unknown:
         raise ValueError(f"unknown claim(s) {unknown}; choose from {', '.join(CLAIMS)}")
-    methods = list(methods or METHODS)
-    bad = [m for m in methods if m not in METHODS]
+    bad = [m for m in (methods or []) if m not in METHODS]
     if bad:
         raise ValueError(f"unknown method(s) {bad}; choose from {', '.join(METHODS)}")
     specs: dict[str, RunSpec] = {}
     for claim in claims:
-        for m in methods:
+        for m in (methods or CLAIMS[claim].methods or METHODS):
             for mis in (misalignment if misalignment is not None else profile.misalignment):
                 if not 0.0 <= mis <= 1.0:
                     raise ValueError(f"misalignment rate must be in [0, 1], got {mis}")
