@@ -279,6 +279,15 @@ def _rho_word(x: float) -> str:
     return next(w for t, w in RHO_WORDS if abs(x) >= t) + (" (negative)" if x < 0 and abs(x) >= 0.2 else "")
 
 
+def _param_verdict(c: dict[str, Any]) -> tuple[float, float, str]:
+    """Parameter level, last window: (misaligned - aligned negative fraction, spread, verdict; '' at rate 0)."""
+    d_al, d_ms = c["frac_neg_aligned_param"], c["frac_neg_misaligned_param"]
+    ok = math.isfinite(d_al["std"]) and math.isfinite(d_ms["std"])
+    d = d_ms["mean"] - d_al["mean"]
+    spread = max(d_al["std"], d_ms["std"]) if ok else float("nan")
+    return d, spread, verdict(d, spread, min(d_al["n"], d_ms["n"])) if c["misalignment"] > 0 else ""
+
+
 def _levels(res: dict[str, Any], fig: dict[str, str]) -> list[str]:
     """Claim 1 at both levels: per-sample feature- vs parameter-level cosines on the same (measured) runs."""
     cells = res.get("level_cells") or []
@@ -334,13 +343,10 @@ def _levels(res: dict[str, Any], fig: dict[str, str]) -> list[str]:
           "parameter level, with the verdict rule of the table above (claim: misaligned > aligned).", ""]
     rows = []
     for c in cells:
-        d_al, d_ms = c["frac_neg_aligned_param"], c["frac_neg_misaligned_param"]
-        ok = math.isfinite(d_al["std"]) and math.isfinite(d_ms["std"])
-        d = d_ms["mean"] - d_al["mean"]
-        spread = max(d_al["std"], d_ms["std"]) if ok else float("nan")
+        d, spread, v = _param_verdict(c)
         rows.append([f"`{c['method']}`", f"{c['misalignment']:g}", _ms(c["frac_neg_aligned_feature"]),
-                     _ms(c["frac_neg_misaligned_feature"]), _ms(d_al), _ms(d_ms), _f(d), _f(spread),
-                     verdict(d, spread, min(d_al["n"], d_ms["n"])) if c["misalignment"] > 0 else "—"])
+                     _ms(c["frac_neg_misaligned_feature"]), _ms(c["frac_neg_aligned_param"]),
+                     _ms(c["frac_neg_misaligned_param"]), _f(d), _f(spread), v or "—"])
     L += ["**Last training window:**", ""]
     L += _table(["method", "misalignment", "feature: neg. aligned", "feature: neg. misaligned",
                  "param.: neg. aligned", "param.: neg. misaligned", "param. difference", "spread", "verdict"], rows)
@@ -371,7 +377,8 @@ def _summary(res: dict[str, Any]) -> list[str]:
         if sp:
             L.append(f"* **1b. Feature and parameter level agree per sample** (Spearman of the two per-sample cosines on "
                      f"the same runs, cell means over {len(lc)} method x rate cells): {min(sp):.2f} to {max(sp):.2f} "
-                     f"({', '.join(sorted({_rho_word(x) for x in sp}))}).")
+                     f"({', '.join(sorted({_rho_word(x) for x in sp}))}); claim 1 at parameter level (per method x "
+                     f"rate > 0): {_tally([{'verdict': _param_verdict(c)[2]} for c in lc if c['misalignment'] > 0])}.")
     L.append(f"* **2. Realignment / curriculum beat plain VATT** (per method, over {len(PRIMARY)} held-out metrics "
              f"x {len(res['rates'])} rates):")
     L += [f"  * `{m}`: {_tally([x for x in v['methods'] if x['method'] == m])}" for m in res["methods"]
