@@ -31,17 +31,28 @@ def test_smoke_study_end_to_end(tmp_path):
     assert main(argv) == 0
     out = docs / "results" / "harmonization"
     res = json.loads((out / "results.json").read_text())
-    assert len(res["runs"]) == 4 and not res["failed"]
+    # the conflicts claim's runs measure the parameter-level cosines too: own folders, not pooled into the cells
+    assert len(res["runs"]) == 8 and not res["failed"]
     assert all(r["status"] == "completed" and r["steps"] == 2 for r in res["runs"])
-    assert {(r["method"], r["misalignment"]) for r in res["runs"]} == {(m, x) for m in ("sum", "pcgrad")
-                                                                        for x in (0.0, 0.6)}
+    assert sorted(r["measure_param_every"] for r in res["runs"]) == [0] * 4 + [1] * 4
+    for every in (0, 1):
+        assert sorted((r["method"], r["misalignment"]) for r in res["runs"] if r["measure_param_every"] == every) \
+            == sorted((m, x) for m in ("sum", "pcgrad") for x in (0.0, 0.6))
+    assert all(c["n_runs"] == 1 for c in res["cells"]) and len(res["cells"]) == 4
+    assert len(res["level_cells"]) == 4
+    for c in res["level_cells"]:
+        assert c["n_measured"] == 2 * 8 and -1 <= c["spearman_all"]["mean"] <= 1
+        # the measurement leaves training unchanged: the same held-out metrics as the unmeasured twin run
+        assert c["max_metric_diff_vs_unmeasured"] == 0.0
     # cells agree with runs (one seed: the cell mean is the run's value)
     with open(out / "cells.csv", newline="") as f:
         cells = list(csv.DictReader(f))
     with open(out / "runs.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 4
+    assert len(rows) == 8
     for r in rows:
+        if r["measure_param_every"] != "0":
+            continue
         c = next(c for c in cells if c["method"] == r["method"] and float(c["misalignment"]) == float(r["misalignment"])
                  and c["quantity"] == "v2t_R@10")
         assert float(c["mean"]) == pytest.approx(float(r["v2t_R@10"])) and c["n"] == "1"
@@ -51,6 +62,8 @@ def test_smoke_study_end_to_end(tmp_path):
         assert section in text
     assert (out / "metrics_vs_misalignment.png").stat().st_size > 1000
     assert "metrics_vs_misalignment.png" in text
+    assert "### Feature level vs parameter level" in text and "feature_vs_parameter.png" in text
+    assert (out / "feature_vs_parameter.png").stat().st_size > 1000 and (out / "levels.csv").exists()
     sessions = [json.loads((runs / r["name"] / "study_run.json").read_text())["sessions"] for r in res["runs"]]
     assert all(len(s) == 1 and s[0]["rc"] == 0 and s[0]["wall_s"] > 0 for s in sessions)
     # resumable: a second invocation launches only the run without a completed summary.json
@@ -69,6 +82,12 @@ def test_dry_run_prints_trainer_commands(tmp_path, capsys):
     assert all(ln.startswith("gradharmony-pretrain ") and "--resume latest" in ln for ln in lines)
     assert sum("harmony.curriculum=fraction" in ln for ln in lines) == 2 * 9
     assert main(["run", "methods", "--methods", "nope", "--runs", str(tmp_path)]) == 2
+    # the conflicts claim: its own methods, the parameter-level measurement, its own folders
+    assert main(["run", "conflicts", "--dry-run", "--runs", str(tmp_path)]) == 0
+    conf = capsys.readouterr().out.strip().splitlines()
+    assert len(conf) == 2 * 3 * 3 and all("harmony.measure_param_every=5" in ln for ln in conf)
+    assert {ln.split("harmony.method=")[1].split()[0] for ln in conf} == {"sum", "pcgrad"}
+    assert not {ln.split("--out ")[1].split()[0] for ln in conf} & {ln.split("--out ")[1].split()[0] for ln in lines}
 
 
 def test_spearman_matches_scipy_with_ties(request):
@@ -122,13 +141,15 @@ def test_verdict_rule():
     assert agg.verdict(float("nan"), 0.1, 3) == "not measured"
 
 
-def _fake_run(root, method, seed, rate, v2t, rng, with_param=True, renamed=False, steps=20, drop=None):
-    """A run folder as the trainer writes it, with per-sample cosines in samples.jsonl."""
-    name = f"{method}__mis{rate:g}__seed{seed}__fake{steps}"
+def _fake_run(root, method, seed, rate, v2t, rng, with_param=True, renamed=False, steps=20, drop=None, every=0):
+    """A run folder as the trainer writes it, with per-sample cosines in samples.jsonl (``cos_param`` on every
+    step, or with ``every`` > 0 as harmony.measure_param_every writes it: on every ``every``-th step)."""
+    name = f"{method}__mis{rate:g}__seed{seed}__fake{steps}" + (f"m{every}" if every else "")
     d = root / name
     d.mkdir(parents=True)
     opts = {"sum": ("sum", "off"), "pcgrad": ("pcgrad", "off")}[method]
-    (d / "config.json").write_text(json.dumps({"harmony": {"method": opts[0], "curriculum": opts[1]},
+    (d / "config.json").write_text(json.dumps({"harmony": {"method": opts[0], "curriculum": opts[1],
+                                                           "measure_param_every": every},
                                                "train": {"seed": seed, "steps": steps},
                                                "data": {"misaligned_fraction": rate}}))
     key = "eval/video_to_text_R@10" if renamed else "eval/v2t_R@10"
@@ -142,7 +163,7 @@ def _fake_run(root, method, seed, rate, v2t, rng, with_param=True, renamed=False
             mis = (rng.random(16) < rate).astype(int)
             cos = np.clip(rng.normal(0.4 - 0.8 * mis, 0.2), -1, 1)
             rec = {"step": step, "misaligned": mis.tolist(), "cos": cos.tolist()}
-            if with_param:
+            if with_param and (not every or step % every == 0):
                 rec["cos_param"] = (cos + rng.normal(0, 0.05, 16)).tolist()
             if drop is not None:  # a curriculum dropping the `drop` share with the lowest cosine
                 w = np.ones(16)
@@ -186,18 +207,21 @@ def test_curriculum_drops_per_group(tmp_path, request):
     rng = np.random.default_rng(_seed(request))
     d = _fake_run(tmp_path, "sum", 0, 0.5, 0.4, rng, drop=0.25)
     fc = agg._final_conflict(agg.read_run(str(d)))
-    for when in ("", "_first"):
-        # the fake cosines separate the groups: the lowest quarter of a batch is (nearly) all misaligned,
-        # about half of the misaligned ones
-        assert fc[f"frac_dropped_aligned{when}"] < 0.1
-        assert 0.25 < fc[f"frac_dropped_misaligned{when}"] < 0.75
+    recs = [json.loads(ln) for ln in (d / "samples.jsonl").read_text().splitlines()]
+    for when, steps in (("", (19, 20)), ("_first", (1, 2, 3))):  # 20 steps in 8 windows: sizes 3,3,3,3,2,2,2,2
+        mis = np.concatenate([r["misaligned"] for r in recs if r["step"] in steps])
+        w = np.concatenate([r["weight"] for r in recs if r["step"] in steps])
+        assert fc[f"frac_dropped_aligned{when}"] == pytest.approx((w[mis == 0] == 0).mean())
+        assert fc[f"frac_dropped_misaligned{when}"] == pytest.approx((w[mis == 1] == 0).mean())
+        # the fake cosines separate the groups: the lowest quarter of a batch is (nearly) all misaligned
+        assert fc[f"frac_dropped_aligned{when}"] < 0.1 < fc[f"frac_dropped_misaligned{when}"]
     d2 = _fake_run(tmp_path, "pcgrad", 0, 0.5, 0.4, rng)  # no weight column: not measured, not zero
     assert not np.isfinite(agg._final_conflict(agg.read_run(str(d2)))["frac_dropped_aligned"])
 
 
 def test_missing_metric_is_named(tmp_path, request):
     rng = np.random.default_rng(_seed(request))
-    d = _fake_run(tmp_path, "sum", 0, 0.3, 0.4, rng, with_param=False, renamed=True)
+    d = _fake_run(tmp_path, "sum", 0, 0.3, 0.4, rng, with_param=False, renamed=True, every=5)
     run = agg.read_run(str(d))
     assert "v2t_R@10" not in run["final"]
     msg = next(m for m in run["missing"] if m.startswith("metric 'v2t_R@10'"))
@@ -227,3 +251,45 @@ def test_group_histograms_source(tmp_path):
     assert last["auroc"] == 1.0 and last["n_aligned"] == 3 * 5
     assert last["precision_at_kept"] == pytest.approx(15 / 17.5)  # top half of 35: 15 aligned + 2.5 misaligned
     assert last["precision_chance"] == pytest.approx(15 / 35)
+
+
+def test_compare_levels_on_the_measured_samples(request):
+    """Spearman overall and per group, sign agreement and negative fractions use the measured samples only."""
+    stats = pytest.importorskip("scipy.stats")
+    rng = np.random.default_rng(_seed(request))
+    n = 400
+    step = np.repeat(np.arange(1, 41), 10).astype(float)
+    mis = (rng.random(n) < 0.4).astype(float)
+    cos = np.clip(rng.normal(0.3 - 0.6 * mis, 0.3), -1, 1)
+    par = np.clip(0.5 * cos + rng.normal(0, 0.2, n), -1, 1)
+    par[step % 4 != 0] = np.nan  # measured every 4th step
+    lv = agg.compare_levels({"step": step, "misaligned": mis, "cos": cos, "cos_param": par})
+    m = np.isfinite(par)
+    assert lv["n_measured"] == m.sum() == 100 and lv["n_steps"] == 10
+    assert lv["spearman_all"] == pytest.approx(stats.spearmanr(cos[m], par[m]).statistic, abs=1e-12)
+    for g, name in ((0, "aligned"), (1, "misaligned")):
+        sel = m & (mis == g)
+        assert lv[f"spearman_{name}"] == pytest.approx(stats.spearmanr(cos[sel], par[sel]).statistic, abs=1e-12)
+        assert lv[f"frac_neg_{name}_param_all"] == pytest.approx((par[sel] < 0).mean())
+        assert lv[f"frac_neg_{name}_feature_all"] == pytest.approx((cos[sel] < 0).mean())
+        last = sel & (step == 40)  # np.array_split of the 10 measured steps into 8 windows: the last is step 40
+        # (an empty group in the last window, 10 samples: NaN, not 0)
+        assert lv[f"frac_neg_{name}_param"] == pytest.approx((par[last] < 0).mean() if last.any() else np.nan,
+                                                             nan_ok=True)
+    assert lv["sign_agreement"] == pytest.approx(((cos[m] < 0) == (par[m] < 0)).mean())
+    assert len(lv["series"]) == agg.N_WINDOWS and len(lv["scatter"]) == 100
+
+
+def test_measured_runs_are_kept_out_of_the_other_claims_cells(tmp_path, request):
+    rng = np.random.default_rng(_seed(request))
+    root = tmp_path / "runs"
+    for seed in (0, 1, 2):
+        _fake_run(root, "sum", seed, 0.5, 0.30 + 0.001 * seed, rng, with_param=False)
+        _fake_run(root, "sum", seed, 0.5, 0.90, rng, every=2)  # another v2t: pooled, the cell mean would move
+    res = agg.collect(str(root))
+    (cell,) = res["cells"]
+    assert cell["n_runs"] == 3 and cell["v2t_R@10"]["mean"] == pytest.approx(0.301)
+    (lc,) = res["level_cells"]
+    assert lc["n_runs"] == 3 and lc["n_measured"] == 3 * 10 * 16 and lc["spearman_all"]["mean"] > 0.8
+    assert lc["max_metric_diff_vs_unmeasured"] == pytest.approx(0.90 - 0.300)
+    assert not any(m.startswith("parameter-level") for m in res["missing"])

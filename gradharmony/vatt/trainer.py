@@ -453,7 +453,7 @@ class Trainer:
         if res.stats is not None:
             self.tracker.update(glob, res.stats.score, self.state.step)
             if t.log_samples and self.ctx.is_main:
-                self._log_samples(glob, res.stats)
+                self._log_samples(glob, res.stats, res.cos_param)
         self.meter.add(res, dt, t.batch_size)
         step = self.state.step
         if step % t.log_every == 0 or step == t.steps:
@@ -467,10 +467,12 @@ class Trainer:
             bar.set_postfix(loss=f"{res.loss:.3f}", conflict=f"{res.conflict_fraction:.2f}",
                             sps=f"{t.batch_size / max(dt, 1e-9):.0f}")
 
-    def _log_samples(self, glob: np.ndarray, stats: gh.ConflictStats) -> None:
+    def _log_samples(self, glob: np.ndarray, stats: gh.ConflictStats, cos_param: Optional[Tensor] = None) -> None:
         """One ``samples.jsonl`` record of the global batch: clip indices, ground-truth misaligned flag
         (1, 0, or -1 for unknown), the conflict score (cosine between the video-audio and video-text loss
-        gradients, 4 decimals) and the curriculum weight (1 without a curriculum)."""
+        gradients, 4 decimals) and the curriculum weight (1 without a curriculum); on steps measured by
+        ``harmony.measure_param_every`` also ``cos_param``, the parameter-level per-sample cosine
+        (:meth:`measure_param_cosines`, 4 decimals), in the same sample order as ``cos``."""
         idx = np.asarray(glob, dtype=np.int64)
         score = stats.score.detach().double().reshape(-1).tolist()
         cw = stats.curriculum_weights
@@ -479,6 +481,11 @@ class Trainer:
                "misaligned": [int(m) for m in self.tracker.misaligned[idx]],
                "cos": [round(c, 4) if math.isfinite(c) else None for c in score],
                "weight": [round(w, 4) for w in weight]}
+        if cos_param is not None:
+            cp = cos_param.detach().double().reshape(-1).tolist()
+            if len(cp) != len(score):
+                raise RuntimeError(f"cos_param has {len(cp)} samples, the feature-level score {len(score)}")
+            rec["cos_param"] = [round(c, 4) if math.isfinite(c) else None for c in cp]
         self.folder.log_samples(rec, self.state.last_checkpoint)
 
     def _progress_bar(self, stop_at: int) -> Any:

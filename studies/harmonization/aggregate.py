@@ -32,9 +32,10 @@ import numpy as np
 from .grid import BASELINE, METHODS
 
 __all__ = ["Metric", "METRICS", "PRIMARY", "FIRST_FIELDS", "collect", "spearman", "auroc", "precision_at_kept", "verdict",
-           "mean_std", "load_per_sample"]
+           "mean_std", "load_per_sample", "compare_levels", "level_cells", "LEVEL_FIELDS"]
 
 KEPT_FRACTION = 0.5  # precision of the score at this kept fraction (the default curriculum's start)
+SCATTER_POINTS = 600  # per-sample (feature, parameter) cosine pairs per run kept for the figure
 N_WINDOWS = 8  # per-sample scores are grouped into this many windows over training
 
 
@@ -315,6 +316,50 @@ def _windows(steps: np.ndarray, n: int) -> list[np.ndarray]:
     return [np.isin(steps, g) for g in groups if len(g)]
 
 
+def _frac_neg(x: np.ndarray) -> float:
+    """Share of negative values (NaN for no value)."""
+    return float((x < 0).mean()) if len(x) else float("nan")
+
+
+LEVEL_FIELDS = ("spearman_all", "spearman_aligned", "spearman_misaligned", "sign_agreement",
+                "frac_neg_aligned_feature", "frac_neg_misaligned_feature", "frac_neg_aligned_param",
+                "frac_neg_misaligned_param", "frac_neg_aligned_feature_all", "frac_neg_misaligned_feature_all",
+                "frac_neg_aligned_param_all", "frac_neg_misaligned_param_all")
+
+
+def compare_levels(samples: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Feature- vs parameter-level per-sample cosines on the steps where both were measured.
+
+    Over every measured sample of the run (``*_all`` and the Spearman/sign fields) and over the last of
+    :data:`N_WINDOWS` windows of the measured steps (the negative fractions without suffix, next to the
+    feature-level table of the last training window): Spearman rank correlation overall and within the
+    aligned and the misaligned triplets, the share of samples whose two cosines have the same sign, and the
+    negative-cosine fraction of each group at each level. Also the per-window Spearman series.
+    """
+    sel = np.isfinite(samples["cos_param"]) & np.isfinite(samples["cos"])
+    f, p = samples["cos"][sel], samples["cos_param"][sel]
+    mis, step = samples["misaligned"][sel], samples["step"][sel]
+    out: dict[str, Any] = {"n_measured": int(sel.sum()), "n_steps": int(len(np.unique(step)))}
+    out["spearman_all"] = spearman(f, p)
+    out["spearman_aligned"] = spearman(f[mis == 0], p[mis == 0])
+    out["spearman_misaligned"] = spearman(f[mis == 1], p[mis == 1])
+    out["sign_agreement"] = float(((f < 0) == (p < 0)).mean()) if len(f) else float("nan")
+    for lev, x in (("feature", f), ("param", p)):
+        out[f"frac_neg_aligned_{lev}_all"] = _frac_neg(x[mis == 0])
+        out[f"frac_neg_misaligned_{lev}_all"] = _frac_neg(x[mis == 1])
+    windows = _windows(step, N_WINDOWS)
+    last = windows[-1] if windows else np.zeros(len(step), dtype=bool)
+    for lev, x in (("feature", f), ("param", p)):
+        out[f"frac_neg_aligned_{lev}"] = _frac_neg(x[last & (mis == 0)])
+        out[f"frac_neg_misaligned_{lev}"] = _frac_neg(x[last & (mis == 1)])
+    keep = np.random.default_rng(0).permutation(len(f))[:SCATTER_POINTS]  # for the figure only
+    out["scatter"] = np.stack([f[keep], p[keep], mis[keep]], axis=1).round(4).tolist()
+    out["series"] = [{"step": float(step[w].max()), "spearman": spearman(f[w], p[w]),
+                      "spearman_aligned": spearman(f[w & (mis == 0)], p[w & (mis == 0)]),
+                      "spearman_misaligned": spearman(f[w & (mis == 1)], p[w & (mis == 1)])} for w in windows]
+    return out
+
+
 def conflict_series(folder: str, records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], str, dict[str, Any]]:
     """Conflict-score measurements over training, the source used, and extras (histograms, Spearman)."""
     samples, why = load_per_sample(folder, records)
@@ -336,17 +381,18 @@ def conflict_series(folder: str, records: list[dict[str, Any]]) -> tuple[list[di
                 w = samples["weight"][mask]
                 row["frac_dropped_aligned"] = float((w[mis == 0] <= 0).mean()) if len(al) else float("nan")
                 row["frac_dropped_misaligned"] = float((w[mis == 1] <= 0).mean()) if len(ms) else float("nan")
-            if "cos_param" in samples:
+            if "cos_param" in samples:  # on the measured steps of the window only
                 cp = samples["cos_param"][mask]
                 row["spearman_feature_param"] = spearman(cos, cp)
-                row["frac_neg_aligned_param"] = float((cp[mis == 0] < 0).mean()) if len(al) else float("nan")
-                row["frac_neg_misaligned_param"] = float((cp[mis == 1] < 0).mean()) if len(ms) else float("nan")
+                row["frac_neg_aligned_param"] = _frac_neg(cp[(mis == 0) & np.isfinite(cp)])
+                row["frac_neg_misaligned_param"] = _frac_neg(cp[(mis == 1) & np.isfinite(cp)])
             series.append(row)
             hists.append({"step": row["step"], "aligned": np.histogram(al, edges)[0].tolist(),
                           "misaligned": np.histogram(ms, edges)[0].tolist()})
         extras["histograms"] = hists
         if "cos_param" in samples:
             extras["spearman_feature_param"] = spearman(samples["cos"], samples["cos_param"])
+            extras["levels"] = compare_levels(samples)
         return series, f"per_sample ({why})", extras
     hist, key = _group_histograms(records)
     if hist:  # pool consecutive logging intervals into at most N_WINDOWS windows
@@ -425,9 +471,12 @@ def read_run(folder: str) -> dict[str, Any]:
     run["conflict_series"], run["conflict_source"] = series, source
     run["histograms"] = extras.get("histograms", [])
     run["spearman_feature_param"] = extras.get("spearman_feature_param", float("nan"))
+    run["levels"] = extras.get("levels", {})
+    # runs that also measured the parameter-level cosines (claim 1) are kept out of the other claims' cells
+    run["measure_param_every"] = int(cfg.get("harmony", {}).get("measure_param_every") or 0)
     if extras.get("per_sample_missing"):
         missing.append(extras["per_sample_missing"])
-    if source.startswith("per_sample") and not math.isfinite(run["spearman_feature_param"]):
+    if source.startswith("per_sample") and run["measure_param_every"] and not math.isfinite(run["spearman_feature_param"]):
         missing.append("parameter-level per-sample cosine: no column named one of "
                        f"{PARAM_KEYS} beside the feature-level cosine (Spearman between levels not measured)")
     run["missing"] = missing
@@ -472,6 +521,10 @@ def collect(root: str) -> dict[str, Any]:
     steps = lengths.most_common(1)[0][0] if lengths else None
     excluded = [r["name"] for r in done if r["steps_planned"] != steps]
     done = [r for r in done if r["steps_planned"] == steps]
+    # the parameter-level measurement leaves the update unchanged, but a measured run repeats a seed of the plain
+    # grid: pooled, it would count that seed twice. Measured runs only feed the feature-vs-parameter tables.
+    measured = [r for r in done if r["measure_param_every"]]
+    done = [r for r in done if not r["measure_param_every"]]
     methods = [m for m in METHODS if any(r["method"] == m for r in done)]
     rates = sorted({float(r["misalignment"]) for r in done})
     cells: list[dict[str, Any]] = []
@@ -498,10 +551,48 @@ def collect(root: str) -> dict[str, Any]:
             cells.append(cell)
     missing = sorted({msg.replace(r["folder"], "<run>") for r in runs for msg in r["missing"]
                       if msg.startswith(("metric", "no per-sample", "parameter-level"))})
+    if not measured:
+        missing.append("parameter-level per-sample cosines: no finished run with harmony.measure_param_every > 0 "
+                       "(run the conflicts claim)")
     return {"runs": runs, "cells": cells, "methods": methods, "rates": rates,
+            "level_cells": level_cells(measured, done),
             "verdicts": verdicts(cells, methods, rates), "missing": missing,
             "failed": [{"name": r["name"], "status": r["status"]} for r in runs if r["status"] != "completed"],
             "excluded": excluded}
+
+
+def level_cells(measured: list[dict[str, Any]], plain: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per method x misalignment rate over the measured runs' seeds: mean/std/n of :data:`LEVEL_FIELDS`,
+    the per-window Spearman series, and the largest difference of any final metric from the unmeasured run
+    of the same method, rate and seed (the measurement must leave training unchanged: 0 expected)."""
+    cells = []
+    for m in [m for m in METHODS if any(r["method"] == m for r in measured)]:
+        for rate in sorted({float(r["misalignment"]) for r in measured if r["method"] == m}):
+            group = [r for r in measured if r["method"] == m and float(r["misalignment"]) == rate and r["levels"]]
+            if not group:
+                continue
+            cell: dict[str, Any] = {"method": m, "misalignment": rate, "n_runs": len(group),
+                                    "seeds": sorted(r["seed"] for r in group),
+                                    "measure_param_every": sorted({r["measure_param_every"] for r in group}),
+                                    "n_measured": int(sum(r["levels"]["n_measured"] for r in group)),
+                                    "spearman_per_run": [r["levels"]["spearman_all"] for r in group]}
+            for f in LEVEL_FIELDS:
+                cell[f] = dict(zip(("mean", "std", "n"), mean_std([r["levels"].get(f, float("nan")) for r in group])))
+            cell["spearman_series"] = [
+                {"step": float(np.mean([r["levels"]["series"][i]["step"] for r in group])),
+                 **{k: dict(zip(("mean", "std", "n"), mean_std([r["levels"]["series"][i][k] for r in group])))
+                    for k in ("spearman", "spearman_aligned", "spearman_misaligned")}}
+                for i in range(min(len(r["levels"]["series"]) for r in group))]
+            diffs = []
+            for r in group:
+                twin = next((p for p in plain if p["method"] == m and p["seed"] == r["seed"]
+                             and float(p["misalignment"]) == rate), None)
+                if twin is not None:
+                    diffs += [abs(r["final"][k] - twin["final"][k]) for k in r["final"] if k in twin["final"]]
+            cell["max_metric_diff_vs_unmeasured"] = max(diffs) if diffs else float("nan")
+            cell["train_time_s"] = dict(zip(("mean", "std", "n"), mean_std([r["train_time_s"] for r in group])))
+            cells.append(cell)
+    return cells
 
 
 def _mean_series(group: list[dict[str, Any]], field_: str) -> list[dict[str, float]]:

@@ -5,6 +5,10 @@
   plain VATT (``sum``) runs pooled over seeds, with the cosine = 0 line;
 * ``metrics_vs_misalignment.png``: each primary metric vs the misalignment rate, one line per
   method, error bars = standard deviation over seeds, dashed chance level;
+* ``feature_vs_parameter.png``: per method (rows) and misalignment rate (columns), the per-sample
+  parameter-level cosine against the feature-level one on the same run (runs with
+  ``harmony.measure_param_every``; a random subsample of each seed's measured samples, aligned and
+  misaligned coloured), with the Spearman correlation over all measured samples (mean +- std over seeds);
 * ``auroc_over_training.png``: the conflict score's AUROC against the misaligned labels over
   training, per method (mean +- std over seeds), one panel per misalignment rate > 0, chance 0.5.
 """
@@ -40,7 +44,8 @@ def _save(fig: Any, folder: str, name: str, written: list[str]) -> None:
 
 
 def cosine_distributions(res: dict[str, Any], folder: str, written: list[str]) -> None:
-    runs = [r for r in res["runs"] if r["method"] == BASELINE and r["histograms"] and r["status"] == "completed"]
+    runs = [r for r in res["runs"] if r["method"] == BASELINE and r["histograms"] and r["status"] == "completed"
+            and not r.get("measure_param_every")]
     rates = sorted({float(r["misalignment"]) for r in runs if float(r["misalignment"]) > 0})
     if not rates:
         return
@@ -73,7 +78,8 @@ def cosine_distributions(res: dict[str, Any], folder: str, written: list[str]) -
 
 def cosine_by_method(res: dict[str, Any], folder: str, written: list[str]) -> None:
     """Last-window cosine distributions, aligned vs misaligned, one column per method, one row per rate > 0."""
-    runs = [r for r in res["runs"] if r["histograms"] and r["status"] == "completed" and r["method"] in res["methods"]]
+    runs = [r for r in res["runs"] if r["histograms"] and r["status"] == "completed" and r["method"] in res["methods"]
+            and not r.get("measure_param_every")]
     rates = sorted({float(r["misalignment"]) for r in runs if float(r["misalignment"]) > 0})
     methods = [m for m in res["methods"] if any(r["method"] == m for r in runs)]
     if not rates or not methods:
@@ -164,6 +170,42 @@ def auroc_over_training(res: dict[str, Any], folder: str, written: list[str]) ->
     _save(fig, folder, "auroc_over_training.png", written)
 
 
+def feature_vs_parameter(res: dict[str, Any], folder: str, written: list[str]) -> None:
+    cells = res.get("level_cells") or []
+    runs = [r for r in res["runs"] if r.get("measure_param_every") and r.get("levels", {}).get("scatter")]
+    if not cells or not runs:
+        return
+    plt = _plt()
+    methods = [m for m in METHODS if any(c["method"] == m for c in cells)]
+    rates = sorted({c["misalignment"] for c in cells})
+    fig, axes = plt.subplots(len(methods), len(rates), figsize=(3.6 * len(rates), 3.4 * len(methods)),
+                             squeeze=False)
+    for i, m in enumerate(methods):
+        for j, rate in enumerate(rates):
+            ax = axes[i][j]
+            c = next((c for c in cells if c["method"] == m and c["misalignment"] == rate), None)
+            group = [r for r in runs if r["method"] == m and float(r["misalignment"]) == rate]
+            if c is None or not group:
+                ax.axis("off")
+                continue
+            pts = np.concatenate([np.asarray(r["levels"]["scatter"], float) for r in group])
+            for flag, lab, col in ((0, "aligned", "tab:blue"), (1, "misaligned", "tab:red")):
+                sel = pts[:, 2] == flag
+                if sel.any():
+                    ax.scatter(pts[sel, 0], pts[sel, 1], s=3, alpha=0.35, color=col, label=lab, rasterized=True)
+            ax.axhline(0.0, color="k", linestyle=":", linewidth=0.8)
+            ax.axvline(0.0, color="k", linestyle=":", linewidth=0.8)
+            sp = c["spearman_all"]
+            sd = f" +- {sp['std']:.2f}" if math.isfinite(sp["std"]) else ""
+            ax.set(xlim=(-1, 1), ylim=(-1, 1), xlabel="feature-level cos", ylabel="parameter-level cos",
+                   title=f"{m}, misalignment {rate:g}: Spearman {sp['mean']:.2f}{sd}")
+            ax.title.set_fontsize(8)
+            ax.legend(fontsize=6, markerscale=3)
+    fig.suptitle("per-sample cos(g_va, g_vt), parameter vs feature level (seeds pooled)",
+                 fontsize=9)
+    _save(fig, folder, "feature_vs_parameter.png", written)
+
+
 def make_figures(res: dict[str, Any], folder: str) -> list[str]:
     """Write the figures that the results allow into ``folder``; returns their paths."""
     os.makedirs(folder, exist_ok=True)
@@ -172,4 +214,5 @@ def make_figures(res: dict[str, Any], folder: str) -> list[str]:
     cosine_by_method(res, folder, written)
     metrics_vs_misalignment(res, folder, written)
     auroc_over_training(res, folder, written)
+    feature_vs_parameter(res, folder, written)
     return written

@@ -4,7 +4,8 @@ A run is one ``gradharmony-pretrain`` invocation (``python -m gradharmony.vatt``
 ``--resume latest``, in a folder named by its method, misalignment rate and seed plus a short hash
 of every option, so that:
 
-* the four claims share their runs (same settings -> same folder);
+* claims with the same settings share their runs (same settings -> same folder): claims 2-4 do;
+  claim 1 (conflicts) adds the parameter-level measurement and so has its own runs;
 * a finished run (``summary.json`` with ``status == "completed"`` at the planned step) is not
   re-run, and an interrupted one continues from its last checkpoint;
 * a change of settings (another ``--steps``, the smoke profile) never reuses a folder.
@@ -50,6 +51,13 @@ METHODS: dict[str, Method] = {m.id: m for m in (
 BASELINE = "sum"
 
 
+# Parameter-level measurement cadence of the conflicts claim. Measured on the 2-core CPU (tiny preset, batch 32,
+# 2 jobs x 1 thread, load average ~7): 40 steps took 5.8 s of training without and 12.3 s with a measurement every
+# step, i.e. one measurement costs ~0.16 s (~1.1 training steps); every 5th step adds ~22 % to the training time
+# and gives 80 measured batches (2560 per-sample pairs) per 400-step run.
+MEASURE_PARAM_EVERY = 5
+
+
 @dataclass(frozen=True)
 class Claim:
     """One claim of the paper as an experiment: the question, and options its runs add."""
@@ -57,11 +65,16 @@ class Claim:
     id: str
     question: str
     extra_options: dict[str, str] = field(default_factory=dict)
+    methods: tuple[str, ...] = ()  # the methods it runs by default (empty: all of METHODS)
 
 
 CLAIMS: dict[str, Claim] = {c.id: c for c in (
     Claim("conflicts", "Do gradient conflicts mark noise? Per-sample cosine between the video-audio and "
-          "video-text loss gradients, aligned vs misaligned triplets, feature and parameter level."),
+          "video-text loss gradients, aligned vs misaligned triplets, feature and parameter level.",
+          # the parameter-level per-sample cosines measured beside the feature-level ones every MEASURE_PARAM_EVERY
+          # steps (samples.jsonl "cos_param"); the measurement leaves the update unchanged, but its runs have their
+          # own folders and are kept out of the other claims' cells (aggregate.collect)
+          {"harmony.measure_param_every": str(MEASURE_PARAM_EVERY)}, methods=("sum", "pcgrad")),
     Claim("methods", "Do realignment (PCGrad, GradVac) and the conflict curriculum help? Held-out retrieval "
           "and linear probe per method."),
     Claim("score", "Does the curriculum's conflict score find the noise? AUROC and precision at the kept "
@@ -79,6 +92,7 @@ class Profile:
     seeds: tuple[int, ...]
     misalignment: tuple[float, ...]
     preset: str = "tiny"
+    claim_options: dict[str, dict[str, str]] = field(default_factory=dict)  # per claim, over Claim.extra_options
 
 
 # Full grid: 400 steps of batch 32 on the tiny preset (its default is 600), evaluation at 0, 200 and 400;
@@ -97,7 +111,8 @@ SMOKE = Profile("smoke", {
     "model.heads": 2, "model.va_dim": 16, "model.vt_dim": 8, "model.mlp_ratio": 2.0,
     "train.batch_size": 8, "train.steps": 2, "train.warmup_steps": 1, "train.log_every": 1,
     "train.eval_every": 0, "train.ckpt_every": 100, "train.eval_batch_size": 16, "harmony.level": "feature",
-}, seeds=(0,), misalignment=(0.0, 0.3, 0.6))
+}, seeds=(0,), misalignment=(0.0, 0.3, 0.6),
+    claim_options={"conflicts": {"harmony.measure_param_every": "1"}})  # two steps: measure both
 PROFILES = {"full": FULL, "smoke": SMOKE}
 
 
@@ -135,17 +150,17 @@ def _fmt(v: Any) -> str:
 def build_grid(root: str, profile: Profile, claims: list[str], methods: Optional[list[str]] = None,
                seeds: Optional[list[int]] = None, misalignment: Optional[list[float]] = None,
                extra: Optional[dict[str, str]] = None) -> list[RunSpec]:
-    """The runs of ``claims`` (deduplicated: claims with the same options share runs)."""
+    """The runs of ``claims`` (deduplicated: claims with the same options share runs). Without ``methods``
+    each claim runs its own :attr:`Claim.methods` (all methods when empty); with it, the given ones."""
     unknown = [c for c in claims if c not in CLAIMS]
     if unknown:
         raise ValueError(f"unknown claim(s) {unknown}; choose from {', '.join(CLAIMS)}")
-    methods = list(methods or METHODS)
-    bad = [m for m in methods if m not in METHODS]
+    bad = [m for m in (methods or []) if m not in METHODS]
     if bad:
         raise ValueError(f"unknown method(s) {bad}; choose from {', '.join(METHODS)}")
     specs: dict[str, RunSpec] = {}
     for claim in claims:
-        for m in methods:
+        for m in (methods or CLAIMS[claim].methods or METHODS):
             for mis in (misalignment if misalignment is not None else profile.misalignment):
                 if not 0.0 <= mis <= 1.0:
                     raise ValueError(f"misalignment rate must be in [0, 1], got {mis}")
@@ -153,6 +168,7 @@ def build_grid(root: str, profile: Profile, claims: list[str], methods: Optional
                     opts = {k: _fmt(v) for k, v in profile.options.items()}
                     opts.update(METHODS[m].options)
                     opts.update(CLAIMS[claim].extra_options)
+                    opts.update(profile.claim_options.get(claim, {}))
                     opts.update(extra or {})
                     items = tuple(sorted(opts.items()))
                     digest = hashlib.sha1(json.dumps([profile.preset, items]).encode()).hexdigest()[:8]

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from .aggregate import CONFLICT_FIELDS, FIRST_FIELDS, KEPT_FRACTION, METRIC_BY_ID, METRICS, PRIMARY, verdict
+from .aggregate import CONFLICT_FIELDS, FIRST_FIELDS, KEPT_FRACTION, LEVEL_FIELDS, METRIC_BY_ID, METRICS, PRIMARY, verdict
 from .grid import BASELINE, CLAIMS, METHODS
 
 __all__ = ["write_raw", "write_report"]
@@ -41,13 +41,14 @@ def write_raw(res: dict[str, Any], meta: dict[str, Any], folder: str) -> dict[st
     os.makedirs(folder, exist_ok=True)
     paths = {k: os.path.join(folder, f) for k, f in (("json", "results.json"), ("runs", "runs.csv"),
                                                         ("cells", "cells.csv"))}
-    runs = [{k: v for k, v in r.items() if k != "histograms"} for r in res["runs"]]
+    runs = [{k: ({kk: vv for kk, vv in v.items() if kk != "scatter"} if k == "levels" else v)
+             for k, v in r.items() if k != "histograms"} for r in res["runs"]]
     with open(paths["json"], "w", encoding="utf-8") as f:
         json.dump(_clean({"meta": meta, **{k: v for k, v in res.items() if k != "runs"}, "runs": runs}), f, indent=1)
     with open(paths["runs"], "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
-        head = ["name", "method", "seed", "misalignment", "status", "steps", "wall_s", "train_time_s",
-                "conflict_source"]
+        head = ["name", "method", "seed", "misalignment", "measure_param_every", "status", "steps", "wall_s",
+                "train_time_s", "conflict_source"]
         w.writerow(head + [m.id for m in METRICS] + [f"conflict_{c}" for c in CONFLICT_ALL])
         for r in res["runs"]:
             w.writerow([r[k] for k in head] + [r["final"].get(m.id, "") for m in METRICS]
@@ -60,6 +61,13 @@ def write_raw(res: dict[str, Any], meta: dict[str, Any], folder: str) -> dict[st
                 v = c[q]
                 w.writerow([c["method"], c["misalignment"], q, v["mean"], v["std"], v["n"], v.get("chance", ""),
                             v.get("chance_within_class", "")])
+    paths["levels"] = os.path.join(folder, "levels.csv")
+    with open(paths["levels"], "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["method", "misalignment", "quantity", "mean", "std", "n"])
+        for c in res.get("level_cells") or []:
+            for q in LEVEL_FIELDS:
+                w.writerow([c["method"], c["misalignment"], q, c[q]["mean"], c[q]["std"], c[q]["n"]])
     return paths
 
 
@@ -171,18 +179,9 @@ def write_report(res: dict[str, Any], meta: dict[str, Any], path: str, raw: dict
     L += _table(["method", "misalignment", "neg. fraction aligned", "neg. fraction misaligned", "difference",
                  "spread", "verdict"], rows)
     L += ["", f"Tally: {_tally(res['verdicts']['conflicts'])}.", ""]
-    sp = [(c["method"], c["misalignment"], c["spearman_feature_param"]) for c in res["cells"]
-          if c["spearman_feature_param"]["n"]]
-    if sp:
-        L += ["Do the feature and parameter levels agree per sample? Spearman rank correlation of the two cosines "
-              "on the same run:", ""]
-        L += _table(["method", "misalignment", "Spearman (feature vs parameter)"],
-                    [[f"`{m}`", f"{r:g}", _ms(v)] for m, r, v in sp])
-        L += [""]
-    else:
-        L += ["Parameter-level cosines on the same run: **not measured** (see *Missing measurements*).", ""]
     if "cosine_distributions.png" in fig:
         L += [f"![cosine distributions]({fig['cosine_distributions.png']})", ""]
+    L += _levels(res, fig)
 
     # claim 2
     L += ["## 2. Realignment and curriculum help, or do not", "", f"*Question.* {CLAIMS['methods'].question}", "",
@@ -260,12 +259,107 @@ def write_report(res: dict[str, Any], meta: dict[str, Any], path: str, raw: dict
           "with the series over training;",
           f"* [{_rel(raw['runs'], here)}]({_rel(raw['runs'], here)}): one row per run;",
           f"* [{_rel(raw['cells'], here)}]({_rel(raw['cells'], here)}): one row per method x misalignment x "
-          "quantity (mean, std, n, chance).", ""]
+          "quantity (mean, std, n, chance);",
+          f"* [{_rel(raw['levels'], here)}]({_rel(raw['levels'], here)}): feature vs parameter level, one row per "
+          "method x misalignment x quantity (mean, std, n over seeds).", ""]
     text = "\n".join(L)
     os.makedirs(here, exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
         f.write(text)
     return text
+
+
+# conventional reading of a rank correlation's size (|rho|): below 0.2 none, then weak, moderate, strong
+RHO_WORDS = ((0.7, "strong"), (0.4, "moderate"), (0.2, "weak"), (0.0, "none"))
+
+
+def _rho_word(x: float) -> str:
+    if not math.isfinite(x):
+        return "undefined"
+    return next(w for t, w in RHO_WORDS if abs(x) >= t) + (" (negative)" if x < 0 and abs(x) >= 0.2 else "")
+
+
+def _param_verdict(c: dict[str, Any]) -> tuple[float, float, str]:
+    """Parameter level, last window: (misaligned - aligned negative fraction, spread, verdict; '' at rate 0)."""
+    d_al, d_ms = c["frac_neg_aligned_param"], c["frac_neg_misaligned_param"]
+    ok = math.isfinite(d_al["std"]) and math.isfinite(d_ms["std"])
+    d = d_ms["mean"] - d_al["mean"]
+    spread = max(d_al["std"], d_ms["std"]) if ok else float("nan")
+    return d, spread, verdict(d, spread, min(d_al["n"], d_ms["n"])) if c["misalignment"] > 0 else ""
+
+
+def _levels(res: dict[str, Any], fig: dict[str, str]) -> list[str]:
+    """Claim 1 at both levels: per-sample feature- vs parameter-level cosines on the same (measured) runs."""
+    cells = res.get("level_cells") or []
+    L = ["### Feature level vs parameter level on the same runs", ""]
+    if not cells:
+        return L + ["Parameter-level cosines on the same run: **not measured** (see *Missing measurements*).", ""]
+    every = sorted({e for c in cells for e in c["measure_param_every"]})
+    seeds = sorted({s for c in cells for s in c["seeds"]})
+    L += [f"The conflicts claim's runs ({', '.join(f'`{c}`' for c in sorted({c['method'] for c in cells}))} "
+          f"x seeds {', '.join(map(str, seeds))}) also measure, every {', '.join(map(str, every))} steps, the "
+          "per-sample cosine of the video-audio and video-text loss gradients at **parameter level** "
+          "(`harmony.measure_param_every`: path-decomposition per-sample gradients over every parameter both losses "
+          "reach, ghost Gram, same batch and same DropToken draws as the training step) beside the feature-level "
+          "cosine the trainer harmonizes with. The measurement leaves the update unchanged; these runs have their own "
+          "folders and are not pooled into the other tables (their seeds repeat the plain grid's). Spearman rank "
+          "correlation of the two cosines over all measured samples of a run (overall and within each group), the "
+          "share of samples whose two cosines have the same sign, mean ± std over seeds (n = seeds). Reading of "
+          "|rho|: " + ", ".join(f">= {t:g} {w}" for t, w in RHO_WORDS[:-1]) + ", below 0.2 none.", ""]
+    rows = []
+    for c in cells:
+        rows.append([f"`{c['method']}`", f"{c['misalignment']:g}", str(c["n_measured"]), _ms(c["spearman_all"], 2),
+                     _ms(c["spearman_aligned"], 2), _ms(c["spearman_misaligned"], 2), _ms(c["sign_agreement"], 2),
+                     _rho_word(c["spearman_all"]["mean"])])
+    L += _table(["method", "misalignment", "samples (all seeds)", "Spearman overall", "Spearman aligned",
+                 "Spearman misaligned", "same sign", "reading (overall)"], rows)
+    per_seed = [x for c in cells for x in c["spearman_per_run"] if x is not None and math.isfinite(x)]
+    within = [c[k]["mean"] for c in cells for k in ("spearman_aligned", "spearman_misaligned")
+              if math.isfinite(c[k]["mean"])]
+    if per_seed:
+        words = Counter(_rho_word(x) for x in per_seed)
+        L += ["", f"*Do the two levels agree per sample?* Over the {len(per_seed)} measured runs the overall Spearman "
+              f"correlation ranges from {min(per_seed):.2f} to {max(per_seed):.2f} (reading per run: "
+              + ", ".join(f"{w} {n}" for w, n in words.most_common()) + ")"
+              + (f"; within a group (aligned or misaligned) the cell means range from {min(within):.2f} to "
+                 f"{max(within):.2f}" if within else "") + "."]
+    diffs = [c["max_metric_diff_vs_unmeasured"] for c in cells if math.isfinite(c["max_metric_diff_vs_unmeasured"])]
+    if diffs:
+        L += ["", f"*Check.* Largest difference of any held-out metric at the end of training between a measured run "
+              f"and the unmeasured run of the same method, rate and seed: {max(diffs):.3g} (0: the measurement did "
+              "not change training)."]
+    cost = []
+    for c in cells:
+        p = _cell(res, c["method"], c["misalignment"])
+        if p is not None and math.isfinite(c["train_time_s"]["mean"]) and math.isfinite(p["train_time_s"]["mean"]):
+            cost.append(c["train_time_s"]["mean"] / p["train_time_s"]["mean"])
+    if cost:
+        L += ["", f"*Cost.* Training time of the measured runs relative to the unmeasured runs of the same cell "
+              f"(means over seeds): x{min(cost):.2f} to x{max(cost):.2f}. The two sets ran in different sessions "
+              "under different machine load, so this range is not a clean estimate; the side-by-side measurement "
+              "is in `studies/harmonization/grid.py` (`MEASURE_PARAM_EVERY`)."]
+    L += ["", "Negative-cosine fractions per group at both levels, on the same samples (the measured steps), in the "
+          "last training window and over all of training; *param. difference* = misaligned minus aligned at "
+          "parameter level, with the verdict rule of the table above (claim: misaligned > aligned).", ""]
+    rows = []
+    for c in cells:
+        d, spread, v = _param_verdict(c)
+        rows.append([f"`{c['method']}`", f"{c['misalignment']:g}", _ms(c["frac_neg_aligned_feature"]),
+                     _ms(c["frac_neg_misaligned_feature"]), _ms(c["frac_neg_aligned_param"]),
+                     _ms(c["frac_neg_misaligned_param"]), _f(d), _f(spread), v or "—"])
+    L += ["**Last training window:**", ""]
+    L += _table(["method", "misalignment", "feature: neg. aligned", "feature: neg. misaligned",
+                 "param.: neg. aligned", "param.: neg. misaligned", "param. difference", "spread", "verdict"], rows)
+    rows = [[f"`{c['method']}`", f"{c['misalignment']:g}", _ms(c["frac_neg_aligned_feature_all"]),
+             _ms(c["frac_neg_misaligned_feature_all"]), _ms(c["frac_neg_aligned_param_all"]),
+             _ms(c["frac_neg_misaligned_param_all"])] for c in cells]
+    L += ["", "**All measured steps:**", ""]
+    L += _table(["method", "misalignment", "feature: neg. aligned", "feature: neg. misaligned",
+                 "param.: neg. aligned", "param.: neg. misaligned"], rows)
+    L += [""]
+    if "feature_vs_parameter.png" in fig:
+        L += [f"![feature vs parameter level]({fig['feature_vs_parameter.png']})", ""]
+    return L
 
 
 def _summary(res: dict[str, Any]) -> list[str]:
@@ -277,6 +371,14 @@ def _summary(res: dict[str, Any]) -> list[str]:
     measured = [x for x in v["conflicts"] if x["verdict"] != "not measured"]
     L.append(f"* **1. Conflicts mark noise** (misaligned triplets have negative cosines more often than aligned "
              f"ones; per method x misalignment rate > 0): {_tally(measured)}.")
+    lc = res.get("level_cells") or []
+    if lc:
+        sp = [c["spearman_all"]["mean"] for c in lc if math.isfinite(c["spearman_all"]["mean"])]
+        if sp:
+            L.append(f"* **1b. Feature and parameter level agree per sample** (Spearman of the two per-sample cosines on "
+                     f"the same runs, cell means over {len(lc)} method x rate cells): {min(sp):.2f} to {max(sp):.2f} "
+                     f"({', '.join(sorted({_rho_word(x) for x in sp}))}); claim 1 at parameter level (per method x "
+                     f"rate > 0): {_tally([{'verdict': _param_verdict(c)[2]} for c in lc if c['misalignment'] > 0])}.")
     L.append(f"* **2. Realignment / curriculum beat plain VATT** (per method, over {len(PRIMARY)} held-out metrics "
              f"x {len(res['rates'])} rates):")
     L += [f"  * `{m}`: {_tally([x for x in v['methods'] if x['method'] == m])}" for m in res["methods"]
@@ -295,7 +397,7 @@ def _auroc_vs_quality(res: dict[str, Any]) -> list[str]:
     from .aggregate import spearman
 
     runs = [r for r in res["runs"] if r["status"] == "completed" and r["misalignment"]
-            and r["steps_planned"] == r["steps"] and r["method"] in res["methods"]]
+            and r["steps_planned"] == r["steps"] and r["method"] in res["methods"] and not r.get("measure_param_every")]
     rows = []
     groups = []  # per rate (the rate moves both quantities), all methods, then without the curriculum
     for rate in sorted({float(r["misalignment"]) for r in runs}):

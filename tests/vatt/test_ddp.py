@@ -1,6 +1,7 @@
 """DDP (2 Gloo processes via torchrun) equals one process on the same global batch."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -41,6 +42,14 @@ def test_two_gloo_ranks_match_single_process(tmp_path, harmony) -> None:
     ss = [[r[k] for k in keys] for r in read_metrics(str(single)) if "train/loss" in r]
     sd = [[r[k] for k in keys] for r in read_metrics(str(ddp)) if "train/loss" in r]
     torch.testing.assert_close(torch.tensor(sd), torch.tensor(ss), rtol=1e-4, atol=1e-5, equal_nan=True)
+    if "harmony.measure_param_every=1" in harmony:  # samples.jsonl: the global batch's cosines at both levels
+        def samples(d):
+            with open(d / "samples.jsonl", encoding="utf-8") as f:
+                return [json.loads(ln) for ln in f if ln.strip()]
+        rs, rd = samples(single), samples(ddp)
+        assert [r["index"] for r in rd] == [r["index"] for r in rs]
+        for a, b in zip(rd, rs):
+            torch.testing.assert_close(torch.tensor(a["cos_param"]), torch.tensor(b["cos_param"]), rtol=0, atol=2e-4)
     ms = load_checkpoint(list_checkpoints(str(single / "checkpoints"))[-1])["model"]
     md = load_checkpoint(list_checkpoints(str(ddp / "checkpoints"))[-1])["model"]
     for k in ms:

@@ -71,3 +71,31 @@ def test_off_writes_no_file_and_a_fresh_start_drops_an_old_one(tmp_path) -> None
     Trainer(tiny_config(tmp_path / "c", train__steps=2, **{k: v for k, v in KW.items() if k != "train__steps"}),
             overwrite=True).fit()
     assert [r["step"] for r in read_samples(tmp_path / "c")] == [1, 2]
+
+
+def test_measured_parameter_cosines_are_logged_beside_the_feature_level_ones(tmp_path) -> None:
+    # harmony.measure_param_every=2: steps 2 and 4 carry "cos_param", the StepOutput's cosines in the batch's order
+    tr = Trainer(tiny_config(tmp_path, harmony__measure_param_every=2, **KW))
+    outs: dict[int, object] = {}
+    step = tr.train_step
+
+    def spy(batch):
+        res = step(batch)
+        outs[tr.state.step + 1] = res
+        return res
+
+    tr.train_step = spy
+    tr.fit()
+    recs = read_samples(tmp_path)
+    assert [r["step"] for r in recs] == [1, 2, 3, 4]
+    assert ["cos_param" in r for r in recs] == [False, True, False, True]
+    for r in recs:
+        res = outs[r["step"]]
+        np.testing.assert_allclose(r["cos"], res.stats.score.double().numpy(), atol=1e-4)
+        if "cos_param" in r:
+            assert len(r["cos_param"]) == len(r["cos"]) == tr.cfg.train.batch_size
+            np.testing.assert_allclose(r["cos_param"], res.cos_param.double().numpy(), atol=1e-4)
+            assert not np.allclose(r["cos_param"], r["cos"], atol=1e-3)  # another level, not a copy
+    # without the option no record has the column
+    Trainer(tiny_config(tmp_path / "off", **KW)).fit()
+    assert not any("cos_param" in r for r in read_samples(tmp_path / "off"))
