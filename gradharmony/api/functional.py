@@ -13,7 +13,7 @@ from . import pipeline
 from ..rules import ConflictCurriculum, Rule, get_rule
 from .stats import ConflictStats, conflict_stats
 
-__all__ = ["harmonize", "HarmonizeResult", "as_per_sample_grads"]
+__all__ = ["harmonize", "HarmonizeResult", "as_per_sample_grads", "check_losses"]
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 REDUCTIONS = ("none", "sum", "mean")
@@ -66,6 +66,22 @@ def as_per_sample_grads(grads: Union[Tensor, Sequence[Tensor]]) -> Tensor:
     B = first.shape[0]
     D = math.prod(first.shape[1:])  # not -1: ambiguous for an empty batch (B = 0)
     return torch.stack([g.reshape(B, D) for g in grads], dim=1)
+
+
+def check_losses(losses: Sequence[Tensor]) -> None:
+    """Check the K >= 2 losses handed to a ``backward(losses)``: tensors that require grad.
+
+    Raises:
+        ValueError: not a list/tuple of K >= 2, or a loss that does not require grad.
+        TypeError: a loss that is not a tensor.
+    """
+    if not isinstance(losses, (list, tuple)) or len(losses) < 2:
+        raise ValueError("losses must be a list of K >= 2 loss tensors")
+    for k, l in enumerate(losses):
+        if not isinstance(l, Tensor):
+            raise TypeError(f"loss {k} is a {type(l).__name__}, not a tensor")
+        if not l.requires_grad:
+            raise ValueError(f"loss {k} does not require grad (was it computed under no_grad?)")
 
 
 @dataclass

@@ -52,6 +52,7 @@ from ..engine.backends import select_backend
 from ..rules import ConflictCurriculum, Rule, get_rule
 from ..rules.rules import Sum
 from . import pipeline
+from .functional import check_losses
 from .stats import ConflictStats
 
 __all__ = ["HarmonizedOptimizer"]
@@ -358,13 +359,7 @@ class HarmonizedOptimizer(torch.optim.Optimizer):
                 wrong shapes; :class:`~gradharmony.engine.NonFiniteGradientError` for
                 NaN/inf gradients under ``nonfinite="raise"``.
         """
-        if not isinstance(losses, (list, tuple)) or len(losses) < 2:
-            raise ValueError("losses must be a list of K >= 2 loss tensors")
-        for k, l in enumerate(losses):
-            if not isinstance(l, Tensor):
-                raise TypeError(f"loss {k} is a {type(l).__name__}, not a tensor")
-            if not l.requires_grad:
-                raise ValueError(f"loss {k} does not require grad (was it computed under no_grad?)")
+        check_losses(losses)
         params = self._params()
         if not params:
             raise ValueError("the optimizer has no parameter that requires grad")

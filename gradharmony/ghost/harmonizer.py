@@ -36,6 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from ..api import pipeline
+from ..api.functional import check_losses
 from ..api.stats import ConflictStats
 from ..engine import reference
 from ..engine.core import NONFINITE_POLICIES, NonFiniteGradientError
@@ -355,13 +356,7 @@ class ParameterHarmonizer:
     def _output_grads_and_gram(self, losses: Sequence[Tensor], retain_graph: bool
                                ) -> tuple[int, int, list[_Entry], list[_Entry], Tensor]:
         """K backward passes to the captured outputs, per-layer preparation, Gram (B, K, K)."""
-        if not isinstance(losses, (list, tuple)) or len(losses) < 2:
-            raise ValueError("losses must be a list of K >= 2 loss tensors")
-        for k, l in enumerate(losses):
-            if not isinstance(l, Tensor):
-                raise TypeError(f"loss {k} is a {type(l).__name__}, not a tensor")
-            if not l.requires_grad:
-                raise ValueError(f"loss {k} does not require grad (was it computed under no_grad?)")
+        check_losses(losses)
         B = self._batch_size
         if B is None:
             raise RuntimeError("run the forward pass inside `with harmonizer.capture(batch_size):` first")
