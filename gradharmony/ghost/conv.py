@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from .registry import LayerRule, Use, bias_per_sample, combine_linear, gram_of, linear_gram, per_sample_rows, register, stack_calls
+from .linear import LinearRule
+from .registry import Use, per_sample_rows, register, stack_calls
 
 
 def patches(x: Tensor, kernel: tuple[int, ...]) -> Tensor:
@@ -32,8 +33,11 @@ def patches(x: Tensor, kernel: tuple[int, ...]) -> Tensor:
 
 
 @register(nn.Conv1d, nn.Conv2d, nn.Conv3d)
-class PatchConvRule(LayerRule):
-    """Convolution with kernel_size == stride, padding 0, dilation 1, groups 1, zeros padding mode."""
+class PatchConvRule(LinearRule):
+    """Convolution with kernel_size == stride, padding 0, dilation 1, groups 1, zeros padding mode.
+
+    The Linear rule's Gram and combination on the patches (only ``prepare`` differs).
+    """
 
     name = "patch_conv"
     mode = "auto"
@@ -52,24 +56,6 @@ class PatchConvRule(LayerRule):
             calls.append((p.reshape(B, -1, p.shape[-1]),
                           [g.flatten(2).transpose(1, 2).reshape(B, -1, g.shape[1]) for g in u.grads]))
         return stack_calls(calls)
-
-    def gram(self, module: nn.Module, state, K: int) -> Tensor:
-        M = 0
-        if module.weight.requires_grad:
-            M = linear_gram(state, self.mode)
-        if module.bias is not None and module.bias.requires_grad:
-            M = M + gram_of(bias_per_sample(state))
-        return M
-
-    def combine(self, module: nn.Module, state, w: Tensor) -> list[Tensor]:
-        import torch
-
-        out = []
-        if module.weight.requires_grad:
-            out.append(combine_linear(state, w).view_as(module.weight))
-        if module.bias is not None and module.bias.requires_grad:
-            out.append(torch.einsum("bk,bkd->d", w.to(state.dtype), bias_per_sample(state)))
-        return out
 
 
 def _tuple(p) -> tuple:

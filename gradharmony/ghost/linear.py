@@ -29,7 +29,7 @@ class LinearRule(LayerRule):
     def combine(self, module: nn.Module, state, w: Tensor) -> list[Tensor]:
         out = []
         if module.weight.requires_grad:
-            out.append(combine_linear(state, w))
+            out.append(combine_linear(state, w).view_as(module.weight))  # conv weights: (out, C, *kernel)
         if module.bias is not None and module.bias.requires_grad:
             out.append(torch.einsum("bk,bkd->d", w.to(state.dtype), bias_per_sample(state)))
         return out
